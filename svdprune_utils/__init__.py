@@ -1,0 +1,1 @@
+"""svdprune_utils"""
