@@ -1,1 +1,39 @@
-"""svdprune_utils"""
+"""svdprune_utils — SVD-Prune (leverage-score visual-token pruning) and its peers, for notebooks and LLaVA.
+
+The one-screen API::
+
+    from svdprune_utils import leverage_scores, select_tokens, SELECTORS
+    scores = leverage_scores(X, rank=16)             # (N, d) or (B, N, d) -> (N,) / (B, N), fp32
+    kept = select_tokens(X, budget=64, method="svd") # LongTensor of kept indices, ascending
+"""
+
+from .leverage import leverage_scores
+from .metrics import (
+    grid_shape,
+    jaccard,
+    optimal_residual,
+    positional_bias,
+    projection_residual,
+    region_recall,
+    spatial_stats,
+)
+from .selectors import SCORE_BASED, SELECTORS, register, score_tokens, select_tokens, top_k
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "leverage_scores",
+    "select_tokens",
+    "score_tokens",
+    "SELECTORS",
+    "SCORE_BASED",
+    "register",
+    "top_k",
+    "projection_residual",
+    "optimal_residual",
+    "spatial_stats",
+    "positional_bias",
+    "jaccard",
+    "region_recall",
+    "grid_shape",
+]

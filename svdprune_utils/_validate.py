@@ -1,0 +1,67 @@
+"""Input checks shared by the library: one place that turns bad input into a clear error.
+
+Every public function that takes a token-feature matrix calls :func:`as_features`, which accepts a
+torch tensor or a numpy array of shape (N, d) or (B, N, d), refuses what cannot be scored, and
+returns a *new* torch tensor (the caller's object is never modified).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["as_features", "check_budget", "restore_kind"]
+
+
+def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool, bool]:
+    """Validate a feature matrix and return ``(X, was_numpy, was_batched)``.
+
+    ``X`` is a torch tensor of shape (B, N, d) (a 2-D input gets B = 1) on the input's device, in its
+    floating dtype. Raises ValueError for: a non-array, integer/bool/complex dtype, ndim not in {2, 3},
+    an empty axis, and (unless ``allow_nonfinite``) NaN or Inf entries, naming the count.
+    """
+    was_numpy = isinstance(x, np.ndarray)
+    if was_numpy:
+        if x.dtype.kind not in "f":
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        if not (x.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        t = x.detach()
+    else:
+        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if t.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (N, d) or (B, N, d), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    if not allow_nonfinite:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            n_nan = int(torch.isnan(t).sum())
+            raise ValueError(
+                f"{name} contains {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf) "
+                f"out of {t.numel()}"
+            )
+    batched = t.ndim == 3
+    if not batched:
+        t = t.unsqueeze(0)
+    return t, was_numpy, batched
+
+
+def check_budget(budget: Any) -> int:
+    """Return ``budget`` as a positive int; ValueError for non-integers and values <= 0."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive integer, got {budget}")
+    return int(budget)
+
+
+def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:
+    """Undo the batching added by :func:`as_features` and convert back to numpy if needed."""
+    if not batched:
+        t = t[0]
+    return t.cpu().numpy() if was_numpy else t

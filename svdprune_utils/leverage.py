@@ -1,0 +1,166 @@
+"""Statistical leverage scores of a token-feature matrix — the score behind SVD-Prune.
+
+For a token matrix X of shape (N, d) with thin SVD X = U Σ Vᵀ, the rank-k leverage score of token i is
+
+    l_i = ‖U_k[i, :]‖²  =  (H_k)_ii,   H_k = U_k U_kᵀ  (the hat matrix of the best rank-k approximation)
+
+so 0 ≤ l_i ≤ 1 and Σ_i l_i = k. A token with a high score carries a direction of the dominant
+k-dimensional subspace that few other tokens share; duplicated tokens split their leverage.
+
+Numerics (measured in ``benchmarks/leverage_speed.py``): the exact path eigendecomposes the fp64 Gram
+matrix of the smaller side (X Xᵀ when N ≤ d, else Xᵀ X), which matched a fp64 ``numpy.linalg.svd``
+reference to ≤ 1e-6 and was faster than fp32 ``torch.linalg.svd``; ``method="exact-svd"`` runs the SVD
+itself. Whatever the input dtype (fp16/bf16 included) the maths runs in fp64 and the scores come back
+as fp32. The approximate path is a seeded randomized SVD (``torch.svd_lowrank``; the global RNG is
+forked, never reseeded).
+
+Rank rule: ``rank`` is an int k (fixed rank) or a float in (0, 1] (energy: the smallest k whose share
+of Σσ² reaches it). Either way k is clamped to the numerical rank r (σ_j > σ_max · max(N, d) · ε with
+ε the fp32 machine epsilon, or fp64's for fp64 input on the SVD path); at k = r every token of a
+full-rank square matrix scores 1, so meaningful ranks stay below r. A zero matrix has r = 0 and all
+scores 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._validate import as_features, restore_kind
+
+__all__ = ["leverage_scores", "numerical_rank", "resolve_rank", "METHODS"]
+
+METHODS = ("exact", "exact-svd", "approx")
+
+
+def _rtol(shape: tuple[int, int], dtype: torch.dtype, method: str) -> float:
+    eps = torch.finfo(torch.float32).eps
+    if dtype == torch.float64 and method == "exact-svd":
+        eps = torch.finfo(torch.float64).eps
+    return max(shape) * eps
+
+
+def numerical_rank(sigma: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Number of singular values above ``rtol · σ_max`` for each row of ``sigma`` (B, m), descending."""
+    smax = sigma[:, :1]
+    return ((sigma > rtol * smax) & (sigma > 0)).sum(dim=1)
+
+
+def resolve_rank(rank: Any, sigma: torch.Tensor, num_rank: torch.Tensor) -> torch.Tensor:
+    """The k used per sample: ``rank`` (int or energy fraction) clamped to the numerical rank.
+
+    sigma: (B, m) singular values, descending. Returns a LongTensor (B,).
+    """
+    if isinstance(rank, (bool, np.bool_)):
+        raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, (int, np.integer)):
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank}")
+        return torch.clamp(num_rank, max=int(rank))
+    if isinstance(rank, (float, np.floating)):
+        if not (0.0 < float(rank) <= 1.0):
+            raise ValueError(f"an energy rank must lie in (0, 1], got {rank}")
+        idx = torch.arange(sigma.shape[1], device=sigma.device)
+        energy = torch.where(idx[None, :] < num_rank[:, None], sigma.double() ** 2, 0.0)
+        total = energy.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        share = energy.cumsum(dim=1) / total
+        # smallest k with share[k-1] >= rank (a hair of slack for round-off at rank == 1.0)
+        k = (share < float(rank) - 1e-12).sum(dim=1) + 1
+        return torch.minimum(k, num_rank)
+    raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {type(rank).__name__} {rank!r}")
+
+
+def _exact_gram(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (B, m) descending, squared left singular vectors U² (B, N, m)) from a fp64 Gram eigh."""
+    B, N, d = X.shape
+    if N <= d:
+        lam, U = torch.linalg.eigh(X @ X.transpose(1, 2))
+        lam, U = lam.flip(-1).clamp_min(0), U.flip(-1)
+        return lam.sqrt(), U**2
+    lam, V = torch.linalg.eigh(X.transpose(1, 2) @ X)
+    lam, V = lam.flip(-1).clamp_min(0), V.flip(-1)
+    XV2 = (X @ V) ** 2  # (B, N, d): (σ_j U_ij)²
+    inv = torch.where(lam > 0, 1.0 / lam.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return lam.sqrt(), XV2 * inv[:, None, :]
+
+
+def _exact_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return S, U**2
+
+
+def _approx(X: torch.Tensor, k: int, seed: int, oversample: int | None, niter: int):
+    B, N, d = X.shape
+    q = min(N, d, k + (k if oversample is None else int(oversample)))
+    devices = [X.device] if X.device.type == "cuda" else []
+    sig, usq = [], []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        for b in range(B):
+            U, S, _ = torch.svd_lowrank(X[b], q=q, niter=niter)
+            sig.append(S)
+            usq.append(U**2)
+    return torch.stack(sig), torch.stack(usq)
+
+
+def leverage_scores(
+    X: Any,
+    rank: int | float = 0.9,
+    center: bool = False,
+    method: str = "exact",
+    *,
+    seed: int = 0,
+    oversample: int | None = None,
+    niter: int = 4,
+    return_rank: bool = False,
+):
+    """Rank-k statistical leverage score of every token.
+
+    Args:
+        X: token features, (N, d) or (B, N, d), torch tensor or numpy array, floating dtype.
+        rank: int k >= 1 (fixed rank) or float in (0, 1] (energy fraction). Clamped to the numerical rank.
+        center: subtract the per-sample token mean before the decomposition.
+        method: "exact" (fp64 Gram eigh), "exact-svd" (fp64 SVD) or "approx" (randomized SVD with
+            q = k + oversample columns, ``niter`` power iterations, seeded by ``seed``; int rank only).
+        return_rank: also return the k actually used.
+
+    Returns:
+        scores of shape (N,) or (B, N), float32, same kind (torch/numpy) and device as ``X``;
+        with ``return_rank``, ``(scores, k)`` where k is an int (2-D input) or a (B,) tensor/array.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    T, was_numpy, batched = as_features(X, "X")
+    in_dtype = T.dtype
+    # fp64 maths whatever the input: bf16/fp16 linalg is unsupported on CPU and fp32 Gram is too coarse.
+    work = T.to(torch.float32 if method == "approx" and in_dtype != torch.float64 else torch.float64)
+    if center:
+        work = work - work.mean(dim=1, keepdim=True)
+    N, d = work.shape[1:]
+    rtol = _rtol((N, d), in_dtype, method)
+
+    if method == "approx":
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+            raise ValueError("method='approx' needs an int rank (the energy rule needs the full spectrum; "
+                             "use method='exact')")
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank}")
+        sigma, usq = _approx(work, min(int(rank), N, d), seed, oversample, niter)
+    elif method == "exact-svd":
+        sigma, usq = _exact_svd(work)
+    else:
+        sigma, usq = _exact_gram(work)
+
+    k = resolve_rank(rank, sigma, numerical_rank(sigma, rtol))
+    cols = torch.arange(usq.shape[2], device=usq.device)
+    mask = (cols[None, :] < k[:, None]).to(usq.dtype)  # (B, m)
+    scores = (usq * mask[:, None, :]).sum(dim=2).clamp_(0.0, 1.0).to(torch.float32)
+
+    out = restore_kind(scores, was_numpy, batched)
+    if not return_rank:
+        return out
+    if not batched:
+        return out, int(k[0])
+    return out, (k.cpu().numpy() if was_numpy else k)

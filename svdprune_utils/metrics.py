@@ -1,0 +1,172 @@
+"""Metrics for kept-token sets and score maps.
+
+- How much of X the kept tokens span: :func:`projection_residual` against the Eckart–Young floor
+  :func:`optimal_residual` (no K rows can do better than the best rank-K approximation).
+- Where the kept tokens are on the patch grid: :func:`spatial_stats` (coverage, dispersion).
+- Whether a score favours positions: :func:`positional_bias` (mean kept row/column, rank correlation
+  of the score with the token index and with the row).
+- Agreement between selections: :func:`jaccard`; answer-region recall: :func:`region_recall`.
+
+All functions accept torch tensors or numpy arrays and never modify them; they return plain floats
+(or dicts of floats) for one sample, so a notebook averages them over a dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import scipy.stats
+import torch
+
+from ._validate import as_features
+
+__all__ = [
+    "projection_residual",
+    "optimal_residual",
+    "spatial_stats",
+    "positional_bias",
+    "jaccard",
+    "region_recall",
+    "grid_shape",
+]
+
+
+def _single(X: Any, name: str = "X") -> np.ndarray:
+    T, _, batched = as_features(X, name)
+    if batched:
+        raise ValueError(f"{name} must be a single (N, d) matrix here, got shape {tuple(T.shape)}")
+    return T[0].double().cpu().numpy()
+
+
+def _indices(kept: Any, N: int, name: str = "kept") -> np.ndarray:
+    idx = np.asarray(kept.detach().cpu() if isinstance(kept, torch.Tensor) else kept)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be a 1-D array of integer indices, got shape {idx.shape} dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= N):
+        raise ValueError(f"{name} has indices outside [0, {N})")
+    if np.unique(idx).size != idx.size:
+        raise ValueError(f"{name} has repeated indices")
+    return idx
+
+
+def grid_shape(N: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(H, W) of the patch grid: ``grid`` if given (checked), else the square root of N."""
+    if grid is None:
+        side = int(round(math.sqrt(N)))
+        if side * side != N:
+            raise ValueError(f"{N} tokens do not form a square grid; pass grid=(H, W)")
+        return side, side
+    H, W = int(grid[0]), int(grid[1])
+    if H * W != N:
+        raise ValueError(f"grid {H}x{W} does not match {N} tokens")
+    return H, W
+
+
+def projection_residual(X: Any, kept: Any) -> float:
+    """‖X − X P_S‖_F² / ‖X‖_F², P_S the orthogonal projector onto the span of the kept rows X[S].
+
+    How much of the token matrix is lost when every token is represented in the span of the kept
+    tokens (0 = nothing lost). X: (N, d); kept: 1-D integer indices.
+    """
+    A = _single(X)
+    idx = _indices(kept, A.shape[0])
+    total = float(np.sum(A * A))
+    if total == 0.0:
+        return 0.0
+    if idx.size == 0:
+        return 1.0
+    Q, R = np.linalg.qr(A[idx].T)  # columns of Q span the kept rows
+    diag = np.abs(np.diag(R))
+    Q = Q[:, diag > diag.max(initial=0.0) * max(A.shape) * np.finfo(float).eps]
+    proj = (A @ Q) @ Q.T
+    return float(np.sum((A - proj) ** 2) / total)
+
+
+def optimal_residual(X: Any, K: int) -> float:
+    """Eckart–Young floor Σ_{j>K} σ_j² / Σ_j σ_j²: the smallest residual any K-dimensional span
+    (hence any K kept tokens) can reach."""
+    A = _single(X)
+    if K < 0:
+        raise ValueError(f"K must be >= 0, got {K}")
+    s2 = np.linalg.svd(A, compute_uv=False) ** 2
+    total = float(s2.sum())
+    return 0.0 if total == 0.0 else float(s2[K:].sum() / total)
+
+
+def spatial_stats(kept: Any, grid: tuple[int, int] = (24, 24)) -> dict[str, float]:
+    """Where the kept tokens lie on the H×W patch grid (distances in patches).
+
+    Returns ``mean_row``/``mean_col`` (0 = top/left), ``coverage`` (mean distance from every grid cell
+    to its nearest kept token: small = the image is covered), ``dispersion`` (mean pairwise distance of
+    kept tokens: small = clumped) and ``row_std``.
+    """
+    H, W = int(grid[0]), int(grid[1])
+    idx = _indices(kept, H * W)
+    if idx.size == 0:
+        raise ValueError("kept is empty")
+    r, c = np.divmod(idx, W)
+    pts = np.stack([r, c], axis=1).astype(float)
+    cells = np.stack(np.divmod(np.arange(H * W), W), axis=1).astype(float)
+    d_cells = np.sqrt(((cells[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    if idx.size > 1:
+        pd = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+        dispersion = float(pd[np.triu_indices(idx.size, 1)].mean())
+    else:
+        dispersion = 0.0
+    return {
+        "mean_row": float(r.mean()),
+        "mean_col": float(c.mean()),
+        "row_std": float(r.std()),
+        "coverage": float(d_cells.mean()),
+        "dispersion": dispersion,
+    }
+
+
+def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
+    """Positional statistics of a score vector over N = H·W raster-ordered tokens.
+
+    Returns the mean row/column of the top-K tokens (ties to the lower index) relative to the grid
+    centre's ((H−1)/2), and the Spearman rank correlation of the score with the token index and with
+    the row (≈ 0 for a position-free score; > 0 favours late/lower tokens, < 0 early/upper ones).
+    """
+    s = np.asarray(scores.detach().cpu().double() if isinstance(scores, torch.Tensor) else scores, dtype=float)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D vector, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"scores contain {int((~np.isfinite(s)).sum())} non-finite value(s)")
+    H, W = grid_shape(s.size, grid)
+    K = min(int(K), s.size)
+    top = np.sort(np.argsort(-s, kind="stable")[:K])
+    rows, cols = np.divmod(top, W)
+    all_rows = np.arange(s.size) // W
+    constant = np.ptp(s) == 0
+    rho_idx = 0.0 if constant else float(scipy.stats.spearmanr(s, np.arange(s.size)).statistic)
+    rho_row = 0.0 if constant else float(scipy.stats.spearmanr(s, all_rows).statistic)
+    return {
+        "mean_kept_row": float(rows.mean()),
+        "mean_kept_col": float(cols.mean()),
+        "row_shift": float(rows.mean() - (H - 1) / 2),
+        "spearman_index": rho_idx,
+        "spearman_row": rho_row,
+    }
+
+
+def jaccard(a: Any, b: Any) -> float:
+    """|A ∩ B| / |A ∪ B| of two index sets (1.0 for two empty sets)."""
+    sa = set(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a).ravel().tolist())
+    sb = set(np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b).ravel().tolist())
+    union = sa | sb
+    return 1.0 if not union else len(sa & sb) / len(union)
+
+
+def region_recall(kept: Any, mask: Any) -> float:
+    """Fraction of the answer-region tokens (``mask``: bool (H, W) or (N,)) that are kept.
+
+    NaN when the mask is empty (no answer region: recall is undefined).
+    """
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool).ravel()
+    idx = _indices(kept, m.size)
+    n = int(m.sum())
+    return float("nan") if n == 0 else float(m[idx].sum() / n)

@@ -1,0 +1,243 @@
+"""The registry of visual-token selectors: SVD-Prune and its peers.
+
+Every selector has the same contract::
+
+    select(features (B, N, d) float tensor, budget K (1 <= K < N), **signals) -> LongTensor (B, K)
+
+returning the kept token indices of each sample, sorted ascending (raster order preserved).
+:func:`select_tokens` is the public entry point: it validates the input, handles ``budget >= N``
+(all tokens), the 2-D/3-D and torch/numpy cases, and forwards only the signals a selector accepts.
+
+Score-based selectors keep the top-K scores with ties broken towards the lower index (a stable sort).
+Adding a method = one function decorated with ``@register("name")``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ._validate import as_features, check_budget
+from .leverage import leverage_scores
+from .metrics import grid_shape
+
+__all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED"]
+
+SELECTORS: dict[str, Callable[..., torch.Tensor]] = {}
+SCORERS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str, scorer: Callable[..., torch.Tensor] | None = None):
+    """Decorator adding a selector to :data:`SELECTORS` (and its score function, if any, to SCORERS)."""
+
+    def wrap(fn):
+        SELECTORS[name] = fn
+        if scorer is not None:
+            SCORERS[name] = scorer
+        return fn
+
+    return wrap
+
+
+def top_k(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` largest scores per row of (B, N), ties to the lower index, sorted."""
+    if torch.isnan(scores).any():
+        raise ValueError(f"scores contain {int(torch.isnan(scores).sum())} NaN value(s)")
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :budget], dim=-1).values
+
+
+def _signal(value: Any, name: str, shape: tuple[int, int], device) -> torch.Tensor:
+    """A per-token signal (N,) or (B, N) as a (B, N) float tensor; clear errors otherwise."""
+    if value is None:
+        raise ValueError(f"this selector needs the signal `{name}` (per-token scores of shape (B, N))")
+    t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+    t = t.detach().to(device=device, dtype=torch.float64)
+    if t.ndim == 1:
+        t = t.unsqueeze(0).expand(shape[0], -1)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"signal `{name}` must have shape {shape} (or ({shape[1]},)), got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"signal `{name}` contains {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+    return t
+
+
+# ----------------------------------------------------------------------------------------- scorers
+def _score_svd(features, *, rank=None, budget=None, center=False, solver="exact", seed=0):
+    k = budget if rank is None else rank
+    if k is None:
+        raise ValueError("svd scores need `rank` (or a budget to use as the rank)")
+    return torch.as_tensor(leverage_scores(features, rank=k, center=center, method=solver, seed=seed))
+
+
+def _score_norm(features):
+    return torch.linalg.vector_norm(features.double(), dim=-1)
+
+
+def _score_attention(features, *, attention=None):
+    return _signal(attention, "attention", tuple(features.shape[:2]), features.device)
+
+
+# --------------------------------------------------------------------------------------- selectors
+@register("svd", _score_svd)
+def select_svd(features, budget, *, rank=None, center=False, solver="exact", seed=0):
+    """SVD-Prune (arXiv 2604.11530): keep the top-K tokens by rank-k leverage l_i = ‖U_k[i, :]‖².
+
+    ``rank=None`` uses k = K (clamped to the numerical rank); an int or an energy fraction overrides.
+    ``center`` subtracts the token mean first; ``solver`` is a :func:`leverage_scores` method
+    ("exact", "exact-svd", "approx"; ``seed`` feeds the approximate one).
+    """
+    return top_k(_score_svd(features, rank=rank, budget=budget, center=center, solver=solver, seed=seed), budget)
+
+
+@register("random")
+def select_random(features, budget, *, seed=0, generator=None):
+    """Uniformly random K tokens. With ``seed`` every sample draws from ``torch.Generator().manual_seed(seed)``
+    (a batch equals each sample alone); with ``generator`` the samples draw from it in turn."""
+    B, N = features.shape[:2]
+    rows = []
+    for _ in range(B):
+        g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        rows.append(torch.randperm(N, generator=g)[:budget])
+    return torch.sort(torch.stack(rows), dim=-1).values.to(features.device)
+
+
+def _lattice(K: int, H: int, W: int) -> torch.Tensor:
+    """K raster indices evenly spread over an H×W grid (a gh×gw lattice of cell centres, thinned evenly)."""
+    gh = min(H, max(1, round(math.sqrt(K * H / W))))
+    gw = min(W, math.ceil(K / gh))
+    while gh * gw < K:  # narrow grids
+        gh = min(H, gh + 1)
+        gw = min(W, math.ceil(K / gh))
+    rows = np.floor((np.arange(gh) + 0.5) * H / gh).astype(int)
+    cols = np.floor((np.arange(gw) + 0.5) * W / gw).astype(int)
+    idx = (rows[:, None] * W + cols[None, :]).ravel()
+    if idx.size > K:
+        idx = idx[np.round(np.linspace(0, idx.size - 1, K)).astype(int)]
+    return torch.as_tensor(np.sort(idx), dtype=torch.long)
+
+
+@register("uniform")
+def select_uniform(features, budget, *, grid=None):
+    """K tokens evenly spread over the 2-D patch grid (content-blind; ``grid=(H, W)``, default square)."""
+    B, N = features.shape[:2]
+    H, W = grid_shape(N, grid)
+    return _lattice(budget, H, W).to(features.device).unsqueeze(0).expand(B, -1).clone()
+
+
+@register("norm", _score_norm)
+def select_norm(features, budget):
+    """Top-K tokens by L2 feature norm ‖x_i‖ (a common content-only baseline)."""
+    return top_k(_score_norm(features), budget)
+
+
+@register("cls_attention", _score_attention)
+def select_cls_attention(features, budget, *, attention=None):
+    """Top-K by CLS→patch attention of the vision tower (FasterVLM; VisionZip's dominant tokens).
+    ``attention``: (B, N) or (N,), heads averaged, from the vision feature layer."""
+    return top_k(_score_attention(features, attention=attention), budget)
+
+
+@register("fastv", _score_attention)
+def select_fastv(features, budget, *, attention=None):
+    """FastV (Chen et al., 2024): top-K image tokens by the attention they receive from the last
+    prompt token at LLM layer K−1 (heads averaged). ``attention``: (B, N). Pruning inside the LLM at
+    layer K is done by :mod:`svdprune_utils.llava`; here only the ranking."""
+    return top_k(_score_attention(features, attention=attention), budget)
+
+
+@register("divprune")
+def select_divprune(features, budget):
+    """DivPrune (Alvar et al., CVPR 2025): greedy max–min diversity with distance 1 − cos(x_i, x_j).
+
+    Starts from the token with the largest summed distance to all others (the most isolated), then
+    repeatedly adds the token whose minimum distance to the kept set is largest (ties: lower index).
+    """
+    X = torch.nn.functional.normalize(features.double(), dim=-1)
+    B, N = X.shape[:2]
+    out = []
+    for b in range(B):
+        D = 1.0 - X[b] @ X[b].T  # (N, N)
+        first = int(torch.argmax(D.sum(dim=1)))  # argmax returns the first maximal index
+        chosen = [first]
+        mind = D[first].clone()
+        mind[first] = -math.inf
+        for _ in range(budget - 1):
+            j = int(torch.argmax(mind))
+            chosen.append(j)
+            mind = torch.minimum(mind, D[j])
+            mind[chosen] = -math.inf
+        out.append(torch.tensor(sorted(chosen)))
+    return torch.stack(out).to(features.device)
+
+
+@register("pivoted_qr")
+def select_pivoted_qr(features, budget):
+    """Greedy column-subset selection by QR with column pivoting on Xᵀ (Businger–Golub, LAPACK geqp3):
+    each step keeps the token with the largest residual norm after projecting out the kept ones."""
+    out = []
+    for b in range(features.shape[0]):
+        Xt = features[b].detach().double().cpu().numpy().T  # (d, N): tokens are columns
+        _, piv = scipy.linalg.qr(Xt, mode="r", pivoting=True)
+        out.append(np.sort(piv[:budget]))
+    return torch.as_tensor(np.stack(out), dtype=torch.long, device=features.device)
+
+
+SCORE_BASED = tuple(SCORERS)
+
+
+# ------------------------------------------------------------------------------------ public API
+def _forward_signals(fn: Callable, method: str, signals: dict) -> dict:
+    accepted = {p for p in inspect.signature(fn).parameters if p not in ("features", "budget")}
+    known = set().union(*(set(inspect.signature(f).parameters) for f in SELECTORS.values()))
+    known -= {"features", "budget"}
+    unknown = set(signals) - known
+    if unknown:
+        raise TypeError(f"unknown signal(s) {sorted(unknown)}; selectors accept {sorted(known)}")
+    return {k: v for k, v in signals.items() if k in accepted}
+
+
+def select_tokens(features: Any, budget: int, method: str = "svd", **signals) -> torch.Tensor:
+    """Indices of the tokens to keep.
+
+    Args:
+        features: (N, d) or (B, N, d) torch tensor or numpy array (floating; never modified).
+        budget: K >= 1 tokens to keep per sample; K >= N keeps all tokens (``arange(N)``).
+        method: a key of :data:`SELECTORS`.
+        **signals: extra inputs some selectors need — ``attention`` (cls_attention, fastv),
+            ``seed``/``generator`` (random), ``grid`` (uniform), ``rank``/``center``/``solver`` (svd).
+            Signals a selector does not take are ignored; names no selector takes raise TypeError.
+
+    Returns:
+        LongTensor (K,) for 2-D input, (B, K) for 3-D input, ascending, on the features' device.
+    """
+    if method not in SELECTORS:
+        raise ValueError(f"unknown method {method!r}; registered: {sorted(SELECTORS)}")
+    X, _, batched = as_features(features)
+    K = check_budget(budget)
+    B, N = X.shape[:2]
+    if K >= N:
+        idx = torch.arange(N, device=X.device).unsqueeze(0).expand(B, -1).clone()
+    else:
+        fn = SELECTORS[method]
+        idx = fn(X, K, **_forward_signals(fn, method, signals))
+        assert idx.shape == (B, K), f"selector {method} returned shape {tuple(idx.shape)}, expected {(B, K)}"
+    return idx if batched else idx[0]
+
+
+def score_tokens(features: Any, method: str = "svd", **signals) -> torch.Tensor:
+    """Per-token scores (B, N) (or (N,)) of a score-based selector (see :data:`SCORE_BASED`), fp32.
+
+    For ``svd`` pass ``rank=`` (the selector's default rank is the budget, unknown here).
+    """
+    if method not in SCORERS:
+        raise ValueError(f"{method!r} is not score-based; score-based methods: {sorted(SCORERS)}")
+    X, _, batched = as_features(features)
+    fn = SCORERS[method]
+    s = fn(X, **_forward_signals(fn, method, signals)).to(torch.float32)
+    return s if batched else s[0]
