@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# One pytest run: unit/property/integration tests, then strict nbval over every notebook.
 test: $(STAMP)
-	$(PY) -m pytest tests -q
-	$(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
+	$(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg tests $(NOTEBOOKS)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q

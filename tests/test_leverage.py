@@ -1,0 +1,171 @@
+"""leverage_scores: exactness, invariances, rank rules, dtypes and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from svdprune_utils import leverage_scores
+from helpers import clip_like, reference_leverage, spectrum_matrix
+
+GAPPED = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 0.5, 0.4, 0.3, 0.2]
+
+
+@pytest.mark.parametrize("method", ["exact", "exact-svd"])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 40), (576, 1024)])
+def test_exact_matches_numpy_fp64_svd(method, shape):
+    X = clip_like(*shape, seed=1)
+    for k in (1, 6, 16):
+        s = leverage_scores(X, rank=k, method=method)
+        assert s.dtype == np.float32 and s.shape == (shape[0],)
+        np.testing.assert_allclose(s, reference_leverage(X, k), atol=1e-6)
+
+
+def test_batched_equals_each_sample():
+    X = np.stack([clip_like(80, 50, seed=s) for s in range(3)])
+    batch, ks = leverage_scores(torch.tensor(X), rank=0.8, return_rank=True)
+    assert batch.shape == (3, 80) and ks.shape == (3,)
+    for b in range(3):
+        one, k = leverage_scores(torch.tensor(X[b]), rank=0.8, return_rank=True)
+        assert k == int(ks[b])
+        torch.testing.assert_close(batch[b], one, atol=1e-6, rtol=0)
+
+
+matrices = st.builds(
+    lambda n, d, r, seed: spectrum_matrix(n, d, np.linspace(5.0, 1.0, min(r, n, d)), seed=seed)
+    + 1e-3 * np.random.default_rng(seed + 1).standard_normal((n, d)),
+    st.integers(4, 40), st.integers(3, 40), st.integers(1, 12), st.integers(0, 10**6),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(X=matrices, k=st.integers(1, 10))
+def test_scores_in_unit_interval_and_sum_to_k(X, k):
+    s, used = leverage_scores(X, rank=k, return_rank=True)
+    assert used == min(k, min(X.shape))  # noise makes X full rank
+    assert np.all(s >= 0) and np.all(s <= 1)
+    assert s.sum() == pytest.approx(used, abs=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(X=matrices, k=st.integers(1, 10))
+def test_equals_hat_matrix_diagonal(X, k):
+    s, used = leverage_scores(X, rank=k, return_rank=True)
+    U, S, Vt = np.linalg.svd(X, full_matrices=False)
+    Xk = (U[:, :used] * S[:used]) @ Vt[:used]
+    H = Xk @ np.linalg.pinv(Xk, rcond=1e-10)
+    np.testing.assert_allclose(s, np.diag(H), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(X=matrices, seed=st.integers(0, 10**6), scale=st.floats(1e-3, 1e3))
+def test_permutation_equivariant_rotation_and_scale_invariant(X, seed, scale):
+    rng = np.random.default_rng(seed)
+    k = max(1, min(X.shape) // 2)
+    base = leverage_scores(X, rank=k)
+    perm = rng.permutation(X.shape[0])
+    np.testing.assert_allclose(leverage_scores(X[perm], rank=k), base[perm], atol=1e-5)
+    Q, _ = np.linalg.qr(rng.standard_normal((X.shape[1], X.shape[1])))
+    np.testing.assert_allclose(leverage_scores(X @ Q, rank=k), base, atol=1e-5)
+    np.testing.assert_allclose(leverage_scores(X * scale, rank=k), base, atol=1e-5)
+
+
+def test_rank_is_clamped_to_numerical_rank():
+    X = spectrum_matrix(50, 30, [5, 4, 3, 2, 1], seed=3).astype(np.float32)
+    s, k = leverage_scores(X, rank=25, return_rank=True)
+    assert k == 5
+    assert s.sum() == pytest.approx(5.0, abs=1e-4)
+    s1, k1 = leverage_scores(X, rank=1.0, return_rank=True)
+    assert k1 == 5
+    np.testing.assert_allclose(s1, s, atol=1e-6)
+
+
+def test_energy_rule_picks_smallest_k_reaching_the_share():
+    sig = np.array(GAPPED)
+    X = spectrum_matrix(60, 40, sig, seed=4)
+    share = np.cumsum(sig**2) / np.sum(sig**2)
+    for frac in (0.2, 0.5, 0.8, 0.9, 0.95, 0.99):
+        _, k = leverage_scores(X, rank=frac, return_rank=True)
+        assert k == int(np.argmax(share >= frac)) + 1
+        assert share[k - 1] >= frac and (k == 1 or share[k - 2] < frac)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 0.0, 1.5, -0.2, True, "16", None])
+def test_bad_rank_raises(bad):
+    with pytest.raises(ValueError, match="rank"):
+        leverage_scores(clip_like(20, 10), rank=bad)
+
+
+def test_center_equals_scores_of_centered_matrix():
+    X = clip_like(70, 30, seed=5) + 3.0
+    np.testing.assert_allclose(
+        leverage_scores(X, rank=6, center=True), leverage_scores(X - X.mean(0), rank=6), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_low_precision_input_is_computed_in_high_precision(dtype):
+    X = torch.tensor(clip_like(96, 64, seed=6)).to(dtype)
+    s = leverage_scores(X, rank=8)
+    assert s.dtype == torch.float32 and s.device == X.device
+    ref = reference_leverage(X.double().numpy(), 8)
+    np.testing.assert_allclose(s.numpy(), ref, atol=1e-6)
+
+
+def test_returns_same_kind_and_does_not_mutate():
+    X = clip_like(40, 20, seed=7)
+    Xc = X.copy()
+    assert isinstance(leverage_scores(X, rank=3), np.ndarray)
+    np.testing.assert_array_equal(X, Xc)
+    T = torch.tensor(X)
+    Tc = T.clone()
+    assert isinstance(leverage_scores(T, rank=3), torch.Tensor)
+    assert torch.equal(T, Tc)
+
+
+def test_zero_matrix_has_rank_zero_and_zero_scores():
+    s, k = leverage_scores(np.zeros((10, 4), np.float32), rank=3, return_rank=True)
+    assert k == 0 and np.all(s == 0)
+
+
+def test_approx_is_seeded_close_to_exact_and_leaves_global_rng_alone():
+    X = torch.tensor(spectrum_matrix(300, 200, GAPPED, seed=8), dtype=torch.float32)
+    state = torch.random.get_rng_state()
+    a = leverage_scores(X, rank=6, method="approx", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = leverage_scores(X, rank=6, method="approx", seed=3)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, leverage_scores(X, rank=6), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="int rank"):
+        leverage_scores(X, rank=0.9, method="approx")
+
+
+@pytest.mark.parametrize(
+    "X, match",
+    [
+        (np.arange(12).reshape(3, 4), "dtype int64"),
+        (torch.ones(3, 4, dtype=torch.int32), "torch.int32"),
+        (np.ones(5, np.float32), r"shape \(5,\)"),
+        (np.ones((2, 2, 2, 2), np.float32), r"shape \(2, 2, 2, 2\)"),
+        (np.ones((0, 4), np.float32), "empty"),
+        ([[1.0, 2.0]], "numpy.ndarray"),
+    ],
+)
+def test_bad_input_names_the_problem(X, match):
+    with pytest.raises(ValueError, match=match):
+        leverage_scores(X, rank=1)
+
+
+def test_non_finite_input_names_the_count():
+    X = clip_like(10, 5)
+    X[0, 0] = np.nan
+    X[3, 1] = np.inf
+    X[4, 2] = -np.inf
+    with pytest.raises(ValueError, match=r"3 non-finite value\(s\) \(1 NaN, 2 Inf\)"):
+        leverage_scores(X, rank=2)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        leverage_scores(clip_like(10, 5), rank=2, method="qr")
