@@ -1,0 +1,76 @@
+"""efficiency: FLOPs and KV-cache formulas against hand-computed values for LLaVA-1.5-7B."""
+
+import pathlib
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlavaConfig
+
+from svdprune_utils.efficiency import kv_cache_bytes, measure_prefill, prefill_flops
+
+CFG = LlavaConfig.from_json_file(str(pathlib.Path(__file__).resolve().parents[1] / "data/configs/llava-1.5-7b.json"))
+
+
+def test_fastv_formula_hand_computed():
+    # d = 4096, m = 11008, 32 layers; n = 576 image + 64 text tokens
+    n = 640
+    per_layer = 4 * n * 4096**2 + 2 * n**2 * 4096 + 2 * n * 4096 * 11008
+    # 42_949_672_960 + 3_355_443_200 + 57_713_623_040
+    assert per_layer == 104_018_739_200
+    assert prefill_flops(CFG, n, formula="fastv") == 32 * per_layer
+
+
+def test_llama_formula_hand_computed():
+    n = 100
+    # q,k,v,o: 4 * 4096^2 MACs per token; attention 2 * n * 4096 MACs per token; SwiGLU 3 * 4096 * 11008
+    macs = n * (4 * 4096 * 4096 + 2 * n * 4096 + 3 * 4096 * 11008)
+    assert prefill_flops(CFG, n) == 32 * 2 * macs
+
+
+def test_gqa_changes_only_the_kv_projections():
+    t = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+    n = 10
+    macs = n * (2 * 64 * 64 + 2 * 64 * 16 + 2 * n * 64 + 3 * 64 * 128)
+    assert prefill_flops(t, n) == 2 * 2 * macs
+
+
+def test_fastv_pruning_counts_layers_before_k_in_full():
+    full, pruned = prefill_flops(CFG, 640), prefill_flops(CFG, 640 - 512)
+    fastv = prefill_flops(CFG, 640, n_after=128, prune_layer=2)
+    assert full % 32 == 0 and pruned % 32 == 0
+    assert fastv == 2 * (full // 32) + 30 * (pruned // 32)
+    assert pruned < fastv < full
+    with pytest.raises(ValueError):
+        prefill_flops(CFG, 10, n_after=11)
+    with pytest.raises(ValueError):
+        prefill_flops(CFG, 10, prune_layer=33)
+    with pytest.raises(ValueError):
+        prefill_flops(CFG, 10, formula="gpt")
+
+
+def test_kv_cache_bytes_hand_computed():
+    # fp16: 2 (k, v) * 4096 * 2 bytes = 16 KiB per token per layer; 32 layers -> 512 KiB per token
+    assert kv_cache_bytes(CFG, 1, torch.float16) == 524_288
+    assert kv_cache_bytes(CFG, 640, torch.float16) == 640 * 524_288
+    assert kv_cache_bytes(CFG, 640, torch.float32) == 2 * 640 * 524_288
+    assert kv_cache_bytes(CFG, 640, torch.float16, n_after=128, prune_layer=2) == 16_384 * (2 * 640 + 30 * 128)
+
+
+def test_measure_prefill_returns_a_positive_median():
+    model = torch.nn.Linear(4, 4)
+    out = measure_prefill(lambda_model(model), {"x": torch.ones(2, 4)}, repeats=3)
+    assert out["median_s"] > 0 and out["min_s"] <= out["median_s"] and out["repeats"] == 3
+    with pytest.raises(ValueError):
+        measure_prefill(model, {}, repeats=0)
+
+
+def lambda_model(lin):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, use_cache=True):
+            return self.lin(x)
+
+    return M()
