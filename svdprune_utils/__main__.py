@@ -1,8 +1,13 @@
 """Command line: ``python -m svdprune_utils <command>``.
 
 Commands:
-    reproduce [NOTEBOOK ...]   execute the notebooks headlessly on copies (the committed notebooks are
-                               not touched); figures land in figures/, executed copies in out/notebooks/.
+    demo         the embedded model answers a few ShapesVQA questions at 576/64/16 tokens for three
+                 methods; prints the table and saves a kept-token overlay figure.
+    eval         accuracy vs budget for methods × budgets on ShapesVQA (default) or a real VQA set
+                 (``--dataset`` local JSON or Hugging Face id), as a table (``--out`` CSV).
+    train-tiny   retrain the embedded tiny LLaVA from scratch (CPU by default).
+    reproduce    execute the notebooks headlessly on copies (the committed notebooks are not touched);
+                 figures land in figures/, executed copies in out/notebooks/.
 """
 
 from __future__ import annotations
@@ -45,6 +50,99 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(model: str, device: str, dtype: str):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .tiny import auto_device
+
+    dev = auto_device(device)
+    dt = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp16": torch.float16,
+          "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    m = LlavaForConditionalGeneration.from_pretrained(model, dtype=dt).to(dev).eval()
+    return m, AutoProcessor.from_pretrained(model)
+
+
+def _dataset(args):
+    from .evaluate import load_vqa
+    from .shapes import ShapesVQA
+
+    if args.dataset in (None, "shapes"):
+        return ShapesVQA(split=args.split, n=args.n, seed=args.seed)
+    return load_vqa(args.dataset, split=args.split, limit=args.limit)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .evaluate import LLAVA_PROMPT, SHORT_ANSWER, evaluate
+
+    model, processor = _load(args.model, args.device, args.dtype)
+    data = _dataset(args)
+    prompt = LLAVA_PROMPT if args.dataset in (None, "shapes") else LLAVA_PROMPT.replace(
+        "{question}", "{question}" + SHORT_ANSWER)
+    table = evaluate(model, processor, data, methods=args.methods.split(","),
+                     budgets=[int(b) for b in args.budgets.split(",")], limit=args.limit,
+                     batch_size=args.batch_size, prompt=prompt)
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(table.round(3).to_string(index=False))
+    if args.out:
+        table.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .evaluate import evaluate
+    from .plotting import overlay_kept, save_figure
+    from .shapes import ShapesVQA
+
+    model, processor = _load(args.model, args.device, "auto")
+    data = ShapesVQA(split="test", n=args.n, seed=args.seed)
+    methods, budgets = ["svd", "fastv", "random"], [576, 64, 16]
+    _, per = evaluate(model, processor, data, methods, budgets, return_samples=True, progress=False)
+    per = per.assign(correct=per["score"].astype(int))
+    table = per.pivot_table(index=["index", "answer"], columns=["method", "budget"], values="prediction",
+                            aggfunc="first")
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print("questions:")
+        for i in range(len(data)):
+            print(f"  {i}: {data[i]['question']}  (answer: {data[i]['answer']})")
+        print(table.to_string())
+        print("\naccuracy:", per.groupby(["method", "budget"])["correct"].mean().round(2).to_dict())
+    # overlay of the kept tokens for the first image
+    from .llava import patch_llava, unpatch_llava
+
+    item = data[0]
+    inputs = processor(images=[item["image"]], text=[args.prompt.format(question=item["question"])],
+                       return_tensors="pt")
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, method in zip(axes, methods):
+        patch_llava(model, method=method, budget=64)
+        try:
+            model.generate(**inputs.to(model.device), max_new_tokens=2, do_sample=False)
+            overlay_kept(item["image"], model.svdprune.kept_indices[0], ax=ax)
+        finally:
+            unpatch_llava(model)
+        ax.set_title(f"{method}, K = 64")
+    path = save_figure(fig, "demo-kept-tokens", directory=args.figures)
+    print(f"saved {path}")
+    return 0
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from .tiny import train_tiny
+
+    train_tiny(out_dir=args.out, seed=args.seed, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svdprune_utils", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +151,37 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default=str(REPO / "out" / "notebooks"), help="where executed copies go")
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
     rep.set_defaults(func=_reproduce)
+
+    from .tiny import DEFAULT_PATH, PROMPT
+
+    ev = sub.add_parser("eval", help="accuracy vs budget for methods x budgets")
+    ev.add_argument("--model", default=str(DEFAULT_PATH), help="local dir or hub id (default: embedded model)")
+    ev.add_argument("--dataset", default=None, help="'shapes' (default), a local .json, or a HF dataset id")
+    ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
+    ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions")
+    ev.add_argument("--methods", default="svd,fastv,cls_attention,random")
+    ev.add_argument("--budgets", default="576,192,128,64,32,16")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="write the table as CSV")
+    ev.set_defaults(func=_eval)
+
+    de = sub.add_parser("demo", help="answers at 576/64/16 tokens for svd, fastv, random + overlay figure")
+    de.add_argument("--model", default=str(DEFAULT_PATH))
+    de.add_argument("--n", type=int, default=4, help="questions")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", default="cpu")
+    de.add_argument("--figures", default=None, help="figure directory (default: figures/)")
+    de.set_defaults(func=_demo, prompt=PROMPT)
+
+    tr = sub.add_parser("train-tiny", help="train the embedded tiny LLaVA from scratch")
+    tr.add_argument("--out", default=str(DEFAULT_PATH))
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu")
+    tr.set_defaults(func=_train_tiny)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,220 @@
+"""Accuracy against budget: run a (patched) LLaVA over a VQA dataset for every method × budget.
+
+One code path for the embedded model on ShapesVQA and for ``llava-hf/llava-1.5-7b-hf`` on real
+benchmarks: the processor builds the inputs, :func:`~svdprune_utils.llava.patch_llava` prunes,
+``generate`` answers greedily, and the answer is scored after VQA-style normalisation.
+
+A dataset is any sequence of dicts with ``image`` (PIL), ``question`` (str) and ``answer`` (str) or
+``answers`` (list of str); optional ``qtype`` (question type, for the per-type columns) and ``mask``
+((24, 24) bool answer region, for answer-region recall). :func:`load_vqa` reads a local JSON file
+(a list of such records with ``image`` a path relative to the file) or a Hugging Face dataset id.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import time
+from contextlib import contextmanager
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .llava import patch_llava, unpatch_llava
+from .metrics import region_recall
+
+__all__ = ["normalize_answer", "vqa_score", "evaluate", "load_vqa", "LLAVA_PROMPT", "SHORT_ANSWER"]
+
+LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
+
+
+def normalize_answer(text: str) -> str:
+    """VQA-style normalisation: lower case, first line only, punctuation and articles dropped,
+    number words to digits, a trailing period removed, whitespace collapsed."""
+    t = str(text).strip().lower().split("\n")[0]
+    t = _PUNCT.sub(" ", t)
+    t = re.sub(r"(?<!\d)\.(?!\d)", " ", t)  # periods that are not decimal points
+    words = [_NUMBERS.get(w, w) for w in t.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """1/0 exact match against a single reference; VQAv2's min(1, #humans who agree / 3) against
+    a list of ≥ 2 human answers."""
+    p = normalize_answer(prediction)
+    refs = [normalize_answer(a) for a in answers]
+    if len(refs) == 1:
+        return float(p == refs[0])
+    return min(1.0, sum(r == p for r in refs) / 3.0)
+
+
+def _answers(item: dict) -> list[str]:
+    if "answers" in item and item["answers"] is not None:
+        a = item["answers"]
+        return [a] if isinstance(a, str) else [x["answer"] if isinstance(x, dict) else str(x) for x in a]
+    if "answer" in item:
+        return [str(item["answer"])]
+    raise ValueError(f"dataset item has neither 'answer' nor 'answers' (keys: {sorted(item)})")
+
+
+def _sync(model) -> None:
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def _prefill_timer(model):
+    """Times from the start of a generate call to the end of its first forward: the prefill, with the
+    vision tower and the token selection (which the patch may run before the first forward)."""
+    box = {"times": [], "t0": None}
+
+    def post(module, args, kwargs, output):
+        if box["t0"] is not None:
+            _sync(model)
+            box["times"].append(time.perf_counter() - box["t0"])
+            box["t0"] = None
+
+    handle = model.register_forward_hook(post, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+@torch.inference_mode()
+def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tokens, timer, desc, progress):
+    rows = []
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    for idx in tqdm(list(_batches(len(idx_all), batch_size)), desc=desc, leave=False, disable=not progress):
+        items = [dataset[idx_all[i]] for i in idx]
+        images = [it["image"].convert("RGB") if isinstance(it["image"], Image.Image) else it["image"] for it in items]
+        texts = [prompt.format(question=it["question"]) for it in items]
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        _sync(model)
+        timer["t0"] = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        preds = processor.batch_decode(new, skip_special_tokens=True)
+        state = getattr(model, "svdprune", None)
+        kept = state.kept_indices if state is not None else None
+        for j, (it, pred) in enumerate(zip(items, preds)):
+            mask = it.get("mask")
+            rec = float("nan")
+            if mask is not None and kept is not None:
+                rec = region_recall(kept[j], mask)
+            elif mask is not None:
+                rec = 1.0  # nothing pruned
+            rows.append({
+                "index": idx_all[idx.start + j], "qtype": it.get("qtype", "all"), "prediction": pred.strip(),
+                "answer": _answers(it)[0], "score": vqa_score(pred, _answers(it)), "region_recall": rec,
+                "prefill_s": timer["times"][-1] / len(items) if timer["times"] else float("nan"),
+            })
+    return rows
+
+
+def evaluate(
+    model,
+    processor,
+    dataset: Sequence[dict],
+    methods: Sequence[str] = ("svd",),
+    budgets: Sequence[int] = (576, 64),
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    prompt: str = LLAVA_PROMPT,
+    patch_kwargs: dict | None = None,
+    return_samples: bool = False,
+    progress: bool = True,
+):
+    """Accuracy, per-type accuracy, answer-region recall and prefill time for every method × budget.
+
+    The model is patched for each (method, budget) with ``patch_llava(model, method, budget,
+    **patch_kwargs)`` (e.g. ``feature=``, ``fastv_layer=``, selector signals such as ``rank=``) and
+    unpatched afterwards (also on error); it is left as it came. Decoding is greedy, so the table is deterministic on a given machine.
+
+    Returns a DataFrame with one row per (method, budget): ``tokens`` (image tokens kept per image),
+    ``accuracy``, ``acc_<qtype>`` per question type, ``region_recall`` (mean over samples with a
+    mask), ``prefill_ms`` (mean per sample, batched) and ``n``. With ``return_samples`` also the
+    per-sample table (prediction, answer, score, recall).
+    """
+    if not methods or not budgets:
+        raise ValueError("methods and budgets must not be empty")
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if n <= 0:
+        raise ValueError("the dataset is empty (or limit <= 0)")
+    index = list(range(n))
+    vc = model.config.vision_config
+    n_img = (vc.image_size // vc.patch_size) ** 2
+    samples = []
+    jobs = [(m, int(b)) for m in methods for b in budgets]
+    for method, budget in tqdm(jobs, desc="method x budget", disable=not progress):
+        patch_llava(model, method=method, budget=budget, **(patch_kwargs or {}))
+        try:
+            with _prefill_timer(model) as timer:
+                rows = _run_one(model, processor, dataset, index, prompt, batch_size, max_new_tokens, timer,
+                                f"{method}@{budget}", progress)
+        finally:
+            unpatch_llava(model)
+        for r in rows:
+            r.update(method=method, budget=budget, tokens=min(budget, n_img))
+        samples.extend(rows)
+    per = pd.DataFrame(samples)
+    keys = ["method", "budget", "tokens"]
+    summary = per.groupby(keys, sort=False).agg(
+        accuracy=("score", "mean"), region_recall=("region_recall", "mean"),
+        prefill_ms=("prefill_s", lambda s: 1e3 * s.mean()), n=("score", "size")).reset_index()
+    by_type = per.pivot_table(index=keys, columns="qtype", values="score", aggfunc="mean", sort=False)
+    by_type.columns = [f"acc_{c}" for c in by_type.columns]
+    summary = summary.merge(by_type.reset_index(), on=keys)
+    return (summary, per) if return_samples else summary
+
+
+def load_vqa(source: str, split: str = "validation", limit: int | None = None) -> list[dict]:
+    """A VQA dataset as a list of dicts (image, question, answers[, qtype]).
+
+    ``source``: a local ``.json`` file — a list of records ``{"image": "relative/or/absolute.png",
+    "question": ..., "answers": [...] or "answer": ...}`` — or a Hugging Face dataset id loaded with
+    ``datasets.load_dataset(source, split=split)`` (columns ``image``, ``question`` and ``answers`` or
+    ``answer``; GQA/TextVQA style). Nothing is downloaded for a local file.
+    """
+    path = pathlib.Path(source)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        records = json.loads(path.read_text())
+        if not isinstance(records, list):
+            raise ValueError(f"{path} must hold a JSON list of records")
+        out = []
+        for i, r in enumerate(records[:limit] if limit else records):
+            missing = {"image", "question"} - set(r)
+            if missing or not ({"answer", "answers"} & set(r)):
+                raise ValueError(f"record {i} of {path} lacks {sorted(missing) or ['answer/answers']}")
+            img = pathlib.Path(r["image"])
+            img = img if img.is_absolute() else path.parent / img
+            out.append({**r, "image": Image.open(img).convert("RGB"), "answers": _answers(r)})
+        return out
+    from datasets import load_dataset  # the hub path: needs network or a populated HF cache
+
+    ds = load_dataset(source, split=split)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [{"image": r["image"], "question": r["question"], "answers": _answers(r),
+             "qtype": r.get("question_type", "all")} for r in ds]

@@ -1,0 +1,49 @@
+"""benchmarks/llava_speed.py: the random-weights path builds a model from a config and times prefills."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model_type": "llava", "image_token_index": 500, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "vocab_size": 512,
+    "text_config": {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "max_position_embeddings": 512},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 112, "patch_size": 14,
+                      "projection_dim": 32},
+}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("llava_speed", ROOT / "benchmarks" / "llava_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_random_weights_prefill_table(tmp_path):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "speed.md"
+    mod = _script()
+    assert mod.main(["--random-weights", "--config", str(cfg), "--budgets", "64,16", "--methods", "svd,fastv",
+                     "--repeats", "1", "--device", "cpu", "--overhead-budget", "16", "--out", str(out)]) == 0
+    import pandas as pd
+
+    df = pd.read_csv(out.with_suffix(".csv"))
+    assert sorted(df["budget"].unique()) == [16, 64]  # 112 / 14 = 8 -> 64 image tokens
+    full = df[df.budget == 64]
+    assert (full["flops_ratio"] == 1.0).all()
+    pruned = df[df.budget == 16].set_index("method")
+    assert pruned.loc["svd", "flops_ratio"] < pruned.loc["fastv", "flops_ratio"] < 1.0
+    assert (df["prefill_ms"] > 0).all() and (df["selection_ms"] > 0).all()
+    assert "random weights" in out.read_text()
+
+
+def test_shipped_7b_config_loads():
+    cfg = _script().load_config("llava-1.5-7b")
+    assert cfg.text_config.num_hidden_layers == 32 and cfg.vision_config.image_size == 336
