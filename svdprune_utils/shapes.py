@@ -1,0 +1,383 @@
+"""ShapesVQA: a synthetic visual-question-answering benchmark with ground-truth answer regions.
+
+Each sample is a detail-rich 336×336 RGB scene laid on LLaVA-1.5's 24×24 grid of 14-px patches
+(576 visual tokens): a textured, cluttered grey background, several small coloured objects
+(``SHAPES`` × ``COLORS``, sizes down to about one patch) and one white *card* that carries a small
+digit (the fine-detail question). Every question has a single-word answer and an **answer-region
+mask**: a (24, 24) bool array, True on every patch that the object(s) needed for the answer touch
+(row-major, patch (r, c) covers pixels [14r, 14r+14) × [14c, 14c+14)).
+
+Question types (``QTYPES``), all with uniform answer distributions by construction:
+
+===========  =====================================  ==================  ==========================
+qtype        question                               answers             answer region
+===========  =====================================  ==================  ==========================
+color        what color is the {shape} ?            ``COLORS``          the unique object of shape
+shape        what shape is the {color} object ?     ``SHAPES``          the unique object of colour
+exist        is there a {color} {shape} ?           yes / no            yes: that object;
+                                                                        no: every object (all must
+                                                                        be checked)
+count        how many {shape}s are there ?          ``COUNTS``          all objects of that shape
+quadrant     where is the {color} {shape} ?         ``QUADRANTS``       that object
+digit        what digit is on the card ?            ``DIGITS``          the card
+===========  =====================================  ==================  ==========================
+
+Determinism: sample ``i`` of ``ShapesVQA(split, seed=s)`` is drawn from
+``np.random.default_rng([s, SPLIT_IDS[split], i])`` alone, so any index renders the same scene on any
+machine, in any order, without global seeding; splits never share a generator stream. The train split
+is rendered on the fly (use a huge ``n``); validation and test are fixed by their seeds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 336
+PATCH = 14
+GRID = IMAGE_SIZE // PATCH  # 24
+
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+COLORS = {  # name -> RGB; saturated and far apart, the background stays grey
+    "red": (215, 35, 35),
+    "green": (30, 160, 60),
+    "blue": (35, 75, 225),
+    "yellow": (240, 205, 20),
+    "purple": (145, 50, 190),
+}
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+COUNTS = ("1", "2", "3")
+DIGITS = ("1", "2", "3", "4")
+QTYPES = ("color", "shape", "exist", "count", "quadrant", "digit")
+ANSWERS = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "exist": ("yes", "no"),
+    "count": COUNTS,
+    "quadrant": QUADRANTS,
+    "digit": DIGITS,
+}
+TEMPLATES = {
+    "color": "what color is the {shape} ?",
+    "shape": "what shape is the {color} object ?",
+    "exist": "is there a {color} {shape} ?",
+    "count": "how many {plural} are there ?",
+    "quadrant": "where is the {color} {shape} ?",
+    "digit": "what digit is on the card ?",
+}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+# 5×7 bitmap glyphs (drawn at scale 2: 10×14 px), so rendering depends on no font file.
+_GLYPHS = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11110", "00001", "00001", "01110", "00001", "00001", "11110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """Scene difficulty knobs. ``position``: "uniform" (whole image), "center" (Gaussian around the
+    centre, sd ``position_sd`` px), "edge" (pushed towards the borders) or a callable
+    ``f(rng) -> (x, y)`` returning an object centre in pixels."""
+
+    min_objects: int = 4  # coloured objects, the card not counted
+    max_objects: int = 7
+    min_size: int = 14  # object bounding-box side in px (14 = one patch)
+    max_size: int = 40
+    card_size: tuple[int, int] = (26, 32)
+    clutter: float = 1.0  # multiplies the number of background lines and specks
+    position: str | Callable = "uniform"
+    position_sd: float = 70.0
+    qtypes: tuple[str, ...] = QTYPES  # drawn uniformly
+
+
+EASY = SceneConfig(min_objects=1, max_objects=3, min_size=26, max_size=44, clutter=0.3)
+"""An easy curriculum stage: few, larger objects, little clutter."""
+
+
+def chance_accuracy(config: SceneConfig = SceneConfig()) -> dict[str, float]:
+    """Chance accuracy per question type (answers are uniform by construction, so the best
+    constant answer and a uniform guess both score 1/#answers), plus ``"overall"`` under the
+    config's uniform question-type mix."""
+    out = {q: 1.0 / len(ANSWERS[q]) for q in config.qtypes}
+    out["overall"] = float(np.mean(list(out.values())))
+    return out
+
+
+def answer_vocab() -> list[str]:
+    """All answer words, sorted, without duplicates."""
+    return sorted({a for q in QTYPES for a in ANSWERS[q]})
+
+
+def question_vocab() -> list[str]:
+    """All words that can occur in a question."""
+    words = set()
+    for t in TEMPLATES.values():
+        words.update(w for w in t.split() if "{" not in w)
+    words.update(SHAPES, COLORS, PLURALS.values())
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------- scene
+
+
+def _center(rng: np.random.Generator, cfg: SceneConfig, half: float) -> tuple[float, float]:
+    lo, hi = half + 1, IMAGE_SIZE - half - 1
+    if callable(cfg.position):
+        x, y = cfg.position(rng)
+    elif cfg.position == "uniform":
+        x, y = rng.uniform(lo, hi, size=2)
+    elif cfg.position == "center":
+        x, y = rng.normal(IMAGE_SIZE / 2, cfg.position_sd, size=2)
+    elif cfg.position == "edge":
+        x, y = (rng.beta(0.4, 0.4, size=2) * (hi - lo) + lo)
+    else:
+        raise ValueError(f"unknown position distribution {cfg.position!r}")
+    return float(np.clip(x, lo, hi)), float(np.clip(y, lo, hi))
+
+
+def _place(rng, cfg, size, boxes, quadrant=None, tries=300):
+    """Centre of a size×size box not overlapping ``boxes`` (3-px gap); None when it does not fit.
+    With ``quadrant`` the box lies inside that quadrant, clear of the midlines."""
+    half = size / 2
+    for _ in range(tries):
+        x, y = _center(rng, cfg, half)
+        if quadrant is not None:
+            m = IMAGE_SIZE / 2
+            top, left = quadrant.startswith("top"), quadrant.endswith("left")
+            if top and y + half + 2 > m or (not top) and y - half - 2 < m:
+                continue
+            if left and x + half + 2 > m or (not left) and x - half - 2 < m:
+                continue
+        b = (x - half, y - half, x + half, y + half)
+        if all(b[2] + 3 < o[0] or o[2] + 3 < b[0] or b[3] + 3 < o[1] or o[3] + 3 < b[1] for o in boxes):
+            return x, y
+    return None
+
+
+def _background(rng: np.random.Generator, cfg: SceneConfig) -> Image.Image:
+    g = rng.uniform(120, 200)
+    tint = rng.uniform(-8, 8, size=3)
+    t = (np.arange(IMAGE_SIZE, dtype=np.float32) / IMAGE_SIZE - 0.5)
+    a, b = rng.uniform(-25, 25, size=2)
+    base = (g + a * t[None, :] + b * t[:, None])[..., None] + tint.astype(np.float32)  # gradient
+    img = rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)  # pixel noise, sd 7
+    img *= 7
+    img += base
+    im = Image.fromarray(np.clip(img, 0, 255, out=img).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(10, 30) * cfg.clutter)):  # thin grey lines
+        p = rng.uniform(0, IMAGE_SIZE, size=4)
+        v = int(rng.uniform(70, 250))
+        d.line(tuple(p), fill=(v, v, v), width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(20, 60) * cfg.clutter)):  # grey specks
+        x, y = rng.uniform(0, IMAGE_SIZE, size=2)
+        r = rng.uniform(0.5, 2.5)
+        v = int(rng.uniform(60, 255))
+        d.ellipse((x - r, y - r, x + r, y + r), fill=(v, v, v))
+    return im
+
+
+def _draw_shape(draws, shape, box, fills):
+    x0, y0, x1, y1 = box
+    w = x1 - x0
+    for d, fill in zip(draws, fills):
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle((x0 + w * 0.08, y0 + w * 0.08, x1 - w * 0.08, y1 - w * 0.08), fill=fill)
+        elif shape == "triangle":
+            d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        elif shape == "cross":
+            t = w / 3
+            d.rectangle((x0 + t, y0, x1 - t, y1), fill=fill)
+            d.rectangle((x0, y0 + t, x1, y1 - t), fill=fill)
+
+
+def _draw_card(im, idmap, box, digit, idx, rng):
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    v = int(rng.uniform(235, 256))
+    ImageDraw.Draw(im).rectangle((x0, y0, x1 - 1, y1 - 1), fill=(v, v, v), outline=(40, 40, 40))
+    ImageDraw.Draw(idmap).rectangle((x0, y0, x1 - 1, y1 - 1), fill=idx + 1)
+    glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[digit]])
+    mask = np.kron(glyph, np.ones((2, 2), bool))  # 14×10
+    gy, gx = (y0 + y1 - mask.shape[0]) // 2, (x0 + x1 - mask.shape[1]) // 2
+    arr = np.asarray(im).copy()
+    ink = int(rng.uniform(0, 40))
+    arr[gy:gy + mask.shape[0], gx:gx + mask.shape[1]][mask] = ink
+    return Image.fromarray(arr)
+
+
+def render_scene(rng: np.random.Generator, objects: list[dict], cfg: SceneConfig):
+    """Draw ``objects`` (dicts with shape/color/box or kind="card"/digit/box) on a fresh background.
+    Returns (PIL image, (336, 336) int16 id map: object index or -1 for background)."""
+    im = _background(rng, cfg)
+    idmap = Image.new("I", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    for i, o in enumerate(objects):
+        if o["kind"] == "card":
+            im = _draw_card(im, idmap, o["box"], o["digit"], i, rng)
+            continue
+        jit = rng.integers(-15, 16, size=3)
+        rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[o["color"]], jit))
+        _draw_shape([ImageDraw.Draw(im), ImageDraw.Draw(idmap)], o["shape"], o["box"], [rgb, i + 1])
+    return im, np.asarray(idmap, dtype=np.int32).astype(np.int16) - 1
+
+
+def patch_coverage(idmap: np.ndarray, n_objects: int) -> np.ndarray:
+    """(n_objects, 24, 24) fraction of each patch's pixels covered by each object."""
+    ids = idmap.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
+    cov = np.stack([(ids == k).mean(-1) for k in range(n_objects)]) if n_objects else np.zeros((0, GRID, GRID))
+    return cov
+
+
+# -------------------------------------------------------------------------------------- questions
+
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def make_sample(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), qtype: str | None = None) -> dict:
+    """One sample, drawn from ``rng`` alone.
+
+    Returns a dict: ``image`` (PIL RGB 336×336), ``question`` (str), ``answer`` (str), ``qtype``,
+    ``mask`` ((24, 24) bool answer region), ``objects`` (list of dicts: kind "object" with
+    shape/color, or "card" with digit; ``box`` (x0, y0, x1, y1) px; ``target`` bool),
+    ``coverage`` ((n_objects, 24, 24) float32 patch coverage per object) and ``idmap``
+    ((336, 336) int16 object index per pixel, -1 background).
+    """
+    for _ in range(100):
+        s = _try_sample(rng, cfg, qtype)
+        if s is not None:
+            return s
+    raise RuntimeError("could not place the objects; loosen the SceneConfig")
+
+
+def _try_sample(rng, cfg, qtype):
+    qtype = qtype or _pick(rng, cfg.qtypes)
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    pairs = [(s, c) for s in SHAPES for c in COLORS]
+    shape, color = _pick(rng, SHAPES), _pick(rng, tuple(COLORS))
+    targets: list[tuple[str, str]] = []  # (shape, color) of the objects the question is about
+    allowed = pairs  # what the other objects may be
+    quadrant = None
+    if qtype == "color":
+        targets, allowed = [(shape, color)], [p for p in pairs if p[0] != shape]
+        answer, q = color, TEMPLATES[qtype].format(shape=shape)
+    elif qtype == "shape":
+        targets, allowed = [(shape, color)], [p for p in pairs if p[1] != color]
+        answer, q = shape, TEMPLATES[qtype].format(color=color)
+    elif qtype == "exist":
+        answer = _pick(rng, ("yes", "no"))
+        targets = [(shape, color)] if answer == "yes" else []
+        allowed = [p for p in pairs if p != (shape, color)]
+        q = TEMPLATES[qtype].format(color=color, shape=shape)
+    elif qtype == "count":
+        k = int(_pick(rng, COUNTS))
+        targets = [(shape, _pick(rng, tuple(COLORS))) for _ in range(k)]
+        allowed = [p for p in pairs if p[0] != shape]
+        answer, q = str(k), TEMPLATES[qtype].format(plural=PLURALS[shape])
+    elif qtype == "quadrant":
+        quadrant = _pick(rng, QUADRANTS)
+        targets, allowed = [(shape, color)], [p for p in pairs if p != (shape, color)]
+        answer, q = quadrant, TEMPLATES[qtype].format(color=color, shape=shape)
+    elif qtype == "digit":
+        answer, q = _pick(rng, DIGITS), TEMPLATES[qtype]
+    else:
+        raise ValueError(f"unknown qtype {qtype!r}")
+    n = max(n, len(targets))
+    specs = [(p, True) for p in targets] + [(_pick(rng, allowed), False) for _ in range(n - len(targets))]
+
+    objects, boxes = [], []
+    digit = answer if qtype == "digit" else _pick(rng, DIGITS)
+    size = int(rng.integers(cfg.card_size[0], cfg.card_size[1] + 1))
+    xy = _place(rng, cfg, size, boxes)
+    if xy is None:
+        return None
+    box = (xy[0] - size / 2, xy[1] - size / 2, xy[0] + size / 2, xy[1] + size / 2)
+    objects.append(dict(kind="card", digit=digit, box=box, target=qtype == "digit"))
+    boxes.append(box)
+    for (s, c), is_target in specs:
+        size = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+        xy = _place(rng, cfg, size, boxes, quadrant=quadrant if is_target else None)
+        if xy is None:
+            return None
+        box = (xy[0] - size / 2, xy[1] - size / 2, xy[0] + size / 2, xy[1] + size / 2)
+        objects.append(dict(kind="object", shape=s, color=c, box=box, target=is_target))
+        boxes.append(box)
+    order = rng.permutation(len(objects))  # draw order (and indices) independent of the role
+    objects = [objects[i] for i in order]
+
+    image, idmap = render_scene(rng, objects, cfg)
+    cov = patch_coverage(idmap, len(objects)).astype(np.float32)
+    if qtype == "exist" and answer == "no":
+        region = [i for i, o in enumerate(objects) if o["kind"] == "object"]
+    else:
+        region = [i for i, o in enumerate(objects) if o["target"]]
+    mask = (cov[region] > 0).any(0) if region else np.zeros((GRID, GRID), bool)
+    if qtype == "quadrant":  # the answer is read off the drawn pixels, not the sampled centre
+        ys, xs = np.nonzero(idmap == region[0])
+        m = IMAGE_SIZE / 2
+        got = ("top" if ys.max() < m else "bottom" if ys.min() >= m else None,
+               "left" if xs.max() < m else "right" if xs.min() >= m else None)
+        if None in got or f"{got[0]}-{got[1]}" != answer:
+            return None
+    return dict(image=image, question=q, answer=answer, qtype=qtype, mask=mask, objects=objects,
+                coverage=cov, idmap=idmap)
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+
+class ShapesVQA(torch.utils.data.Dataset):
+    """ShapesVQA split of ``n`` samples; item ``i`` is ``make_sample(default_rng([seed, split, i]))``.
+
+    ``split`` is "train" (use a large n: rendered on the fly), "val" or "test"; the same
+    ``seed`` gives disjoint streams for different splits. ``balanced=True`` cycles the question
+    types (item i has type ``qtypes[i % len(qtypes)]``) so every slice is balanced; otherwise the
+    type is drawn at random. Items are dicts (see ``make_sample``); use ``collate`` with a
+    DataLoader.
+    """
+
+    def __init__(self, split: str = "test", n: int = 1200, seed: int = 0,
+                 config: SceneConfig = SceneConfig(), balanced: bool = True, **overrides):
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {list(SPLIT_IDS)}")
+        self.split, self.n, self.seed, self.balanced = split, int(n), int(seed), balanced
+        self.config = replace(config, **overrides) if overrides else config
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i = i % self.n
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], i])
+        qtypes = self.config.qtypes
+        qtype = qtypes[i % len(qtypes)] if self.balanced else None
+        s = make_sample(rng, self.config, qtype)
+        s["index"] = i
+        return s
+
+    def chance(self) -> dict[str, float]:
+        return chance_accuracy(self.config)
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """DataLoader collate: lists for everything, ``mask`` stacked to a (B, 24, 24) bool tensor."""
+    out = {k: [b[k] for b in batch] for k in batch[0]}
+    out["mask"] = torch.as_tensor(np.stack(out["mask"]))
+    return out

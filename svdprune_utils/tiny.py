@@ -1,0 +1,456 @@
+"""The embedded tiny LLaVA: config, offline tokenizer/processor, training recipe and loading.
+
+The model is a real ``LlavaForConditionalGeneration`` (CLIP vision tower with a CLS token →
+2-layer MLP projector → Llama decoder with RoPE), saved with ``save_pretrained`` so that
+``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``
+load it offline — the code path of ``llava-hf/llava-1.5-7b-hf``.
+
+Recipe (``train_tiny``), after FACTS.md "Training the embedded tiny LLaVA":
+
+1. *Vision pre-training* (our stand-in for CLIP pre-training): the tower alone, with dense per-patch
+   targets read at ``vision_feature_layer`` (-2; colour, shape, card digit and object-centre of the
+   object covering the patch, and the patch's quadrant) and a multi-label CLS head (which
+   colour–shape pairs are present) on the CLS token at layer -2 and on the pooled last layer.
+2. *LLaVA-style alignment*: tower frozen, projector + language model trained on ShapesVQA with the
+   answer (and end-of-sequence) tokens as targets; constant lr after warmup; a curriculum from few,
+   large objects to the full cluttered scenes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import shapes as S
+
+NAME = "tiny-llava-shapes"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / NAME
+PROMPT = "USER: <image>\n{question} ASSISTANT:"
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def auto_device(device: str = "auto") -> torch.device:
+    """CUDA when present (for "auto"), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------- tokenizer / processor
+
+
+def vocab() -> dict[str, int]:
+    """Word-level vocabulary: specials, prompt words, question words, answers."""
+    words = SPECIAL + ["USER:", "ASSISTANT:"] + S.question_vocab() + S.answer_vocab()
+    out: dict[str, int] = {}
+    for w in words:
+        out.setdefault(w, len(out))
+    return out
+
+
+def build_tokenizer():
+    """Offline ``PreTrainedTokenizerFast``: WordLevel model, whitespace split, ``<s>`` prepended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    v = vocab()
+    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", v["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        model_max_length=1024)
+
+
+def build_processor():
+    """``LlavaProcessor`` = word-level tokenizer + ``CLIPImageProcessorPil`` (336 px, CLIP mean/std);
+    ``<image>`` expands to 576 placeholders (patch 14, +1 for CLS, "default" strategy drops it)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": S.IMAGE_SIZE},
+                               crop_size={"height": S.IMAGE_SIZE, "width": S.IMAGE_SIZE},
+                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=ip, tokenizer=build_tokenizer(), patch_size=S.PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def prompt(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+# ------------------------------------------------------------------------------------ model config
+
+
+@dataclass
+class TinySizes:
+    """Model sizes. ``vision_layers`` counts the whole tower; the LM reads layer -2."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+
+
+def build_config(sizes: TinySizes = TinySizes()):
+    """``LlavaConfig``: CLIP tower (336 px, patch 14, CLS) → MLP projector → Llama (RoPE)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    v = vocab()
+    vc = CLIPVisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
+                          num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                          image_size=S.IMAGE_SIZE, patch_size=S.PATCH, projection_dim=sizes.vision_hidden,
+                          hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=len(v), hidden_size=sizes.text_hidden,
+                     intermediate_size=4 * sizes.text_hidden, num_hidden_layers=sizes.text_layers,
+                     num_attention_heads=sizes.text_heads, num_key_value_heads=sizes.text_heads,
+                     max_position_embeddings=1024, rope_theta=10000.0, pad_token_id=v["<pad>"],
+                     bos_token_id=v["<s>"], eos_token_id=v["</s>"], tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=v["<image>"],
+                      image_seq_length=S.GRID ** 2, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = v["<pad>"], v["<s>"], v["</s>"]
+    return cfg
+
+
+def build_model(sizes: TinySizes = TinySizes(), seed: int = 0):
+    """A freshly initialised tiny LLaVA; the init draws from a forked, seeded torch RNG."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(build_config(sizes))
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    return model
+
+
+def load_tiny(path: str | Path = DEFAULT_PATH, device: str = "cpu"):
+    """(model, processor) from ``path`` (default: the shipped ``data/tiny-llava-shapes``), offline, eval mode."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(path)).to(auto_device(device)).eval()
+    return model, AutoProcessor.from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------------- fast encoding
+
+
+def pixel_values(images) -> torch.Tensor:
+    """(B, 3, 336, 336) float32, equal to the processor's output for 336×336 images."""
+    x = torch.as_tensor(np.stack([np.asarray(im, dtype=np.float32) for im in images])) / 255.0
+    x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def encode_ids(questions, answers=None, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of the prompts (+ " answer </s>" when given), the
+    same ids the processor gives; ``n_image`` image placeholders (576 by default)."""
+    v = vocab()
+    seqs = []
+    for i, q in enumerate(questions):
+        ids = [v["<s>"], v["USER:"]] + [v["<image>"]] * n_image + [v[w] for w in q.split()] + [v["ASSISTANT:"]]
+        if answers is not None:
+            ids += [v[answers[i]], v["</s>"]]
+        seqs.append(ids)
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), v["<pad>"], dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s)
+        mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def vision_features(model, pv: torch.Tensor) -> torch.Tensor:
+    """(B, 577, d) = the tower's ``hidden_states[vision_feature_layer]`` (CLS first), computed
+    without the layers after it (equal to what ``LlavaModel.get_image_features`` selects)."""
+    vt = model.model.vision_tower
+    vt = getattr(vt, "vision_model", vt)
+    layers = vt.encoder.layers
+    n = (len(layers) + 1 + model.config.vision_feature_layer) % (len(layers) + 1)
+    h = vt.pre_layrnorm(vt.embeddings(pv))
+    for layer in layers[:n]:
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return h
+
+
+def embed_inputs(model, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """``inputs_embeds`` with the projected ``image_tokens`` (B, K, d_text) scattered, in order,
+    into the K ``<image>`` placeholders of each row of ``ids``."""
+    emb = model.get_input_embeddings()(ids)
+    where = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(where, image_tokens.to(emb.dtype))
+
+
+@torch.no_grad()
+def answer(model, images, questions, budget: int | None = None, seed: int = 0,
+           batch_size: int = 32) -> list[str]:
+    """Greedy answers (the first generated token, = ``generate(max_new_tokens=1)``).
+
+    ``budget=None`` keeps all 576 image tokens; ``budget=K`` keeps K patch tokens drawn uniformly
+    at random (``np.random.default_rng([seed, i])`` for question i, kept in raster order) — the
+    "random" baseline; the K kept tokens take contiguous positions."""
+    inv = {i: w for w, i in vocab().items()}
+    dev = next(model.parameters()).device
+    out = []
+    for b in range(0, len(questions), batch_size):
+        qs = questions[b:b + batch_size]
+        pv = pixel_values(images[b:b + batch_size]).to(dev)
+        feats = model.model.multi_modal_projector(vision_features(model, pv)[:, 1:])
+        k = feats.shape[1] if budget is None else budget
+        if budget is not None:
+            keep = torch.stack([torch.as_tensor(np.sort(np.random.default_rng([seed, b + i]).choice(
+                feats.shape[1], budget, replace=False))) for i in range(len(qs))]).to(dev)
+            feats = torch.gather(feats, 1, keep[..., None].expand(-1, -1, feats.shape[-1]))
+        ids, mask = encode_ids(qs, n_image=k)
+        emb = embed_inputs(model, ids.to(dev), feats)
+        logits = model(inputs_embeds=emb, attention_mask=mask.to(dev), logits_to_keep=1).logits[:, -1]
+        out += [inv[int(i)] for i in logits.argmax(-1)]
+    return out
+
+
+def accuracy(model, samples, budget: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Accuracy overall and per question type of greedy ``answer``s on ``samples`` (a ShapesVQA
+    dataset or a list of its items)."""
+    samples = [samples[i] for i in range(len(samples))]
+    pred = answer(model, [s["image"] for s in samples], [s["question"] for s in samples], budget, seed,
+                  batch_size)
+    ok = np.array([p == s["answer"] for p, s in zip(pred, samples)])
+    qt = np.array([s["qtype"] for s in samples])
+    res = {q: float(ok[qt == q].mean()) for q in S.QTYPES if (qt == q).any()}
+    res["overall"] = float(ok.mean())
+    return res
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Recipe:
+    """The training recipe (all knobs of ``train_tiny``); written to ``recipe.json``."""
+
+    sizes: TinySizes = field(default_factory=TinySizes)
+    stage1_samples: int = 12_000
+    stage2_samples: int = 36_000
+    batch_size: int = 32
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 1e-3
+    stage2_tower_lr: float = 0.0  # 0: tower frozen in stage 2
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    curriculum: tuple = ((0.15, "easy"), (0.35, "medium"), (1.0, "full"))  # (until fraction, stage)
+    log_every: int = 1_000  # samples between loss rows in train_log.csv
+    eval_every: int = 4_000  # samples between validation rows (stage 2)
+    eval_n: int = 180  # validation questions (balanced over the types)
+
+
+CURRICULUM = {"easy": S.EASY,
+              "medium": S.SceneConfig(min_objects=2, max_objects=5, min_size=18, max_size=40, clutter=0.6),
+              "full": S.SceneConfig()}
+
+
+class _Encoded(torch.utils.data.Dataset):
+    """ShapesVQA items → training tensors (runs in DataLoader workers)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        s = self.ds[i]
+        cov, objs = s["coverage"], s["objects"]
+        best, val = cov.argmax(0), cov.max(0) >= 0.1
+        colors, shapes_ = list(S.COLORS), list(S.SHAPES)
+        col = np.full((S.GRID, S.GRID), len(colors) + 1)  # background
+        shp = np.full((S.GRID, S.GRID), len(shapes_) + 1)
+        dig = np.full((S.GRID, S.GRID), len(S.DIGITS))  # "no digit"
+        ctr = np.zeros((S.GRID, S.GRID), dtype=np.int64)
+        present = np.zeros(len(colors) * len(shapes_), dtype=np.float32)
+        for k, o in enumerate(objs):
+            m = val & (best == k)
+            x0, y0, x1, y1 = o["box"]
+            ctr[min(int((y0 + y1) / 2 // S.PATCH), S.GRID - 1), min(int((x0 + x1) / 2 // S.PATCH), S.GRID - 1)] = 1
+            if o["kind"] == "card":
+                col[m], shp[m], dig[m] = len(colors), len(shapes_), S.DIGITS.index(o["digit"])
+            else:
+                ci, si = colors.index(o["color"]), shapes_.index(o["shape"])
+                col[m], shp[m] = ci, si
+                present[si * len(colors) + ci] = 1
+        dense = np.stack([col, shp, dig, ctr]).reshape(4, -1)
+        pv = pixel_values([s["image"]])[0]
+        return pv, torch.as_tensor(dense), torch.as_tensor(present), s["question"], s["answer"]
+
+
+def _collate(batch):
+    pv, dense, present, q, a = zip(*batch)
+    ids, mask = encode_ids(q, a)
+    return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask
+
+
+class _Stage1Heads(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.dense = nn.Linear(d, (len(S.COLORS) + 2) + (len(S.SHAPES) + 2) + (len(S.DIGITS) + 1) + 2 + 4)
+        self.cls = nn.Linear(d, len(S.COLORS) * len(S.SHAPES))
+        self.splits = [len(S.COLORS) + 2, len(S.SHAPES) + 2, len(S.DIGITS) + 1, 2, 4]
+
+
+def _quadrant_targets(device):
+    r = torch.arange(S.GRID, device=device)
+    return ((r[:, None] >= S.GRID // 2) * 2 + (r[None, :] >= S.GRID // 2)).reshape(-1)
+
+
+def _stage1_loss(model, heads, pv, dense, present):
+    tower = model.model.vision_tower
+    out = tower(pixel_values=pv, output_hidden_states=True)
+    h = out.hidden_states[model.config.vision_feature_layer]
+    logits = heads.dense(heads.norm(h[:, 1:])).split(heads.splits, dim=-1)
+    targets = list(dense.unbind(1)) + [_quadrant_targets(pv.device).expand(len(pv), -1)]
+    obj = (dense[:, 1] < len(S.SHAPES) + 1).float()
+    w = 1.0 + 4.0 * obj  # object patches are rare; weight them up
+    loss = sum(((F.cross_entropy(lg.transpose(1, 2), t, reduction="none") * w).sum() / w.sum())
+               for lg, t in zip(logits, targets))
+    cls = heads.cls(heads.norm(h[:, 0])), heads.cls(out.pooler_output)
+    loss = loss + sum(F.binary_cross_entropy_with_logits(c, present) for c in cls)
+    return loss
+
+
+def _stage2_loss(model, pv, ids, mask, train_tower):
+    labels = ids.clone()
+    labels[:, :-2] = -100  # the answer word and </s>
+    with torch.set_grad_enabled(train_tower):
+        feats = vision_features(model, pv)[:, 1:]
+    emb = embed_inputs(model, ids, model.model.multi_modal_projector(feats))
+    return model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+
+
+def _loader(cfg, n, seed, batch_size, workers):
+    ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def _write_log(path, log):
+    keys = list(dict.fromkeys(k for r in log for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(log)
+
+
+def _lr(step, base, warmup):
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = "auto",
+               recipe: Recipe = Recipe(), time_budget: float | None = None, workers: int = 0,
+               progress: bool = True, **overrides) -> dict:
+    """Train the tiny LLaVA from scratch (``recipe``, with ``overrides`` of its fields) and save
+    model + processor + ``train_log.csv`` + ``recipe.json`` to ``out_dir``.
+
+    ``time_budget`` (seconds, optional) stops each stage early in proportion to its sample share.
+    Returns the final validation accuracy dict. Deterministic for a given (seed, device, workers=any).
+    """
+    from tqdm.auto import tqdm
+
+    recipe = replace(recipe, **overrides) if overrides else recipe
+    dev = auto_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(recipe.sizes, seed).to(dev)
+    build_processor().save_pretrained(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        heads = _Stage1Heads(recipe.sizes.vision_hidden).to(dev)
+    val = S.ShapesVQA("val", n=recipe.eval_n, seed=seed)
+    val = [val[i] for i in range(len(val))]
+    log, t0, total = [], time.time(), recipe.stage1_samples + recipe.stage2_samples
+    bar = tqdm(total=total, unit="sample", disable=not progress, smoothing=0.05)
+
+    def record(stage, seen, loss, evaluate):
+        row = dict(stage=stage, samples=seen, seconds=round(time.time() - t0, 1), loss=round(loss, 4))
+        if evaluate:
+            model.eval()
+            row.update({f"val_{k}": round(v, 4) for k, v in accuracy(model, val).items()})
+            if dev.type == "cpu":  # checkpoint: a stopped run still leaves a loadable model
+                model.save_pretrained(out_dir)
+            model.train()
+        log.append(row)
+        _write_log(out_dir / "train_log.csv", log)
+        bar.set_postfix(stage=stage, loss=f"{loss:.3f}", val=row.get("val_overall", ""))
+
+    def run(stage, params, lr, n, loss_fn, phases):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+        step, seen, ema, last_eval, last_log = 0, 0, None, 0, 0
+        budget = None if time_budget is None else time_budget * n / total
+        ts = time.time()
+        for k, (frac, name) in enumerate(phases):
+            m = int(round(n * frac)) - seen
+            for pv, dense, present, ids, mask in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k,
+                                                         recipe.batch_size, workers):
+                pv, dense, present, ids, mask = (t.to(dev, non_blocking=True) for t in (pv, dense, present, ids, mask))
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
+                loss = loss_fn(pv, dense, present, ids, mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+                opt.step()
+                step, seen = step + 1, seen + len(pv)
+                bar.update(len(pv))
+                ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+                if seen - last_log >= recipe.log_every:
+                    last_log = seen
+                    do_eval = stage == 2 and seen - last_eval >= recipe.eval_every
+                    last_eval = seen if do_eval else last_eval
+                    record(stage, seen, ema, evaluate=do_eval)
+                if budget is not None and time.time() - ts > budget:
+                    break
+            if budget is not None and time.time() - ts > budget:
+                break
+        record(stage, seen, ema, evaluate=stage == 2)
+
+    # Stage 1: vision tower alone, dense per-patch + CLS targets.
+    tower = model.model.vision_tower
+    p1 = list(tower.parameters()) + list(heads.parameters())
+    groups = [dict(params=p1, initial_lr=recipe.stage1_lr)]
+    model.train()
+    run(1, groups, recipe.stage1_lr, recipe.stage1_samples,
+        lambda pv, d, pr, ids, m: _stage1_loss(model, heads, pv, d, pr), ((1.0, "full"),))
+
+    # Stage 2: LLaVA alignment; tower frozen (or at a small lr).
+    tower.requires_grad_(recipe.stage2_tower_lr > 0)
+    rest = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
+    groups = [dict(params=rest, initial_lr=recipe.stage2_lr)]
+    if recipe.stage2_tower_lr > 0:
+        groups.append(dict(params=list(tower.parameters()), initial_lr=recipe.stage2_tower_lr))
+    run(2, groups, recipe.stage2_lr, recipe.stage2_samples,
+        lambda pv, d, pr, ids, m: _stage2_loss(model, pv, ids, m, recipe.stage2_tower_lr > 0), recipe.curriculum)
+    bar.close()
+    tower.requires_grad_(True)
+
+    model.eval().to("cpu")
+    model.save_pretrained(out_dir)
+    build_processor().save_pretrained(out_dir)
+    _write_log(out_dir / "train_log.csv", log)
+    info = dict(recipe=asdict(recipe), seed=seed, device=str(dev), workers=workers,
+                seconds=round(time.time() - t0, 1), torch=torch.__version__, final_val=log[-1])
+    (out_dir / "recipe.json").write_text(json.dumps(info, indent=1, default=str))
+    return {k[4:]: v for k, v in log[-1].items() if k.startswith("val_")}

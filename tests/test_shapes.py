@@ -1,0 +1,124 @@
+"""ShapesVQA: determinism, answer-region masks, answer balance, chance table."""
+import numpy as np
+import pytest
+
+from svdprune_utils import shapes as S
+
+
+@pytest.fixture(scope="module")
+def test_slice():
+    ds = S.ShapesVQA("test", n=48, seed=0)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_same_seed_same_samples(test_slice):
+    ds = S.ShapesVQA("test", n=48, seed=0)
+    for i in (0, 7, 31, 47):  # random access, any order
+        a, b = test_slice[i], ds[i]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert (a["question"], a["answer"], a["qtype"]) == (b["question"], b["answer"], b["qtype"])
+        assert np.array_equal(a["mask"], b["mask"])
+
+
+def test_seeds_and_splits_differ():
+    imgs = [np.asarray(S.ShapesVQA(sp, n=1, seed=sd)[0]["image"]) for sp, sd in
+            [("test", 0), ("test", 1), ("val", 0), ("train", 0)]]
+    for i in range(len(imgs)):
+        for j in range(i + 1, len(imgs)):
+            assert not np.array_equal(imgs[i], imgs[j])
+
+
+def test_no_global_rng_use():
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    S.ShapesVQA("train", n=5, seed=3)[4]
+    assert np.random.random() == before
+
+
+def test_sample_format(test_slice):
+    for s in test_slice:
+        assert s["image"].size == (336, 336) and s["image"].mode == "RGB"
+        assert s["mask"].shape == (24, 24) and s["mask"].dtype == bool
+        assert s["answer"] in S.ANSWERS[s["qtype"]]
+        assert len(s["answer"].split()) == 1
+        assert set(s["question"].split()) <= set(S.question_vocab())
+    # balanced=True cycles the types
+    assert [s["qtype"] for s in test_slice[:6]] == list(S.QTYPES)
+
+
+def test_mask_covers_answer_object_patches(test_slice):
+    for s in test_slice:
+        idmap = s["idmap"]
+        if s["qtype"] == "exist" and s["answer"] == "no":
+            region = [k for k, o in enumerate(s["objects"]) if o["kind"] == "object"]
+        else:
+            region = [k for k, o in enumerate(s["objects"]) if o["target"]]
+        assert region
+        touched = np.isin(idmap, region).reshape(24, 14, 24, 14).any(axis=(1, 3))
+        assert np.array_equal(s["mask"], touched)
+        # the answer object's pixels really are drawn in its colour (not hidden by another object)
+        for k in region:
+            assert (idmap == k).sum() > 50
+
+
+def test_answers_consistent_with_scene(test_slice):
+    for s in test_slice:
+        objs = [o for o in s["objects"] if o["kind"] == "object"]
+        words = s["question"].split()
+        if s["qtype"] == "color":
+            match = [o for o in objs if o["shape"] == words[4]]
+            assert len(match) == 1 and match[0]["color"] == s["answer"]
+        elif s["qtype"] == "shape":
+            match = [o for o in objs if o["color"] == words[4]]
+            assert len(match) == 1 and match[0]["shape"] == s["answer"]
+        elif s["qtype"] == "exist":
+            found = any(o["color"] == words[3] and o["shape"] == words[4] for o in objs)
+            assert s["answer"] == ("yes" if found else "no")
+        elif s["qtype"] == "count":
+            shape = {v: k for k, v in S.PLURALS.items()}[words[2]]
+            assert str(sum(o["shape"] == shape for o in objs)) == s["answer"]
+        elif s["qtype"] == "quadrant":
+            ys, xs = np.nonzero(s["mask"])
+            v = "top" if ys.max() < 12 else "bottom" if ys.min() >= 12 else None
+            h = "left" if xs.max() < 12 else "right" if xs.min() >= 12 else None
+            assert f"{v}-{h}" == s["answer"]
+        elif s["qtype"] == "digit":
+            (card,) = [o for o in s["objects"] if o["kind"] == "card"]
+            assert card["digit"] == s["answer"]
+
+
+def test_small_objects_and_whole_image_positions():
+    ds = S.ShapesVQA("val", n=60, seed=5)
+    sizes, centres = [], []
+    for i in range(len(ds)):
+        for o in ds[i]["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            sizes.append(x1 - x0)
+            centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
+    centres = np.array(centres)
+    assert min(sizes) <= 15  # down to about one patch
+    assert centres.min() < 40 and centres.max() > 296  # objects reach the borders
+    c = S.ShapesVQA("val", n=30, seed=5, position="center")
+    cc = np.array([((o["box"][0] + o["box"][2]) / 2) for i in range(len(c)) for o in c[i]["objects"]])
+    assert np.abs(cc - 168).mean() < np.abs(centres[:, 0] - 168).mean()
+
+
+def test_chance_table():
+    ch = S.chance_accuracy()
+    assert set(ch) == set(S.QTYPES) | {"overall"}
+    assert ch["exist"] == 0.5 and ch["color"] == 1 / len(S.COLORS) and ch["digit"] == 1 / len(S.DIGITS)
+    assert ch["overall"] == pytest.approx(np.mean([ch[q] for q in S.QTYPES]))
+    # answers are uniform by construction: the empirical majority answer is near chance
+    ds = S.ShapesVQA("val", n=120, seed=0, qtypes=("exist",), balanced=False)
+    yes = np.mean([ds[i]["answer"] == "yes" for i in range(len(ds))])
+    assert 0.35 < yes < 0.65
+
+
+def test_collate():
+    import torch
+
+    ds = S.ShapesVQA("test", n=4, seed=0)
+    batch = S.collate([ds[i] for i in range(4)])
+    assert isinstance(batch["mask"], torch.Tensor) and batch["mask"].shape == (4, 24, 24)
+    assert len(batch["question"]) == 4
