@@ -37,3 +37,15 @@ __all__ = [
     "region_recall",
     "grid_shape",
 ]
+
+# LLaVA pruning, loaded on first use (importing transformers takes seconds): svdprune_utils.patch_llava(...)
+_LAZY_LLAVA = ("patch_llava", "unpatch_llava", "capture_attention", "AttentionMaps", "PruneState")
+__all__ += list(_LAZY_LLAVA)
+
+
+def __getattr__(name):
+    if name in _LAZY_LLAVA:
+        from . import llava
+
+        return getattr(llava, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
