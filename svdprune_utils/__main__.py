@@ -51,16 +51,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _load(model: str, device: str, dtype: str):
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from .evaluate import load_model
 
-    from .tiny import auto_device
-
-    dev = auto_device(device)
-    dt = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    m = LlavaForConditionalGeneration.from_pretrained(model, dtype=dt).to(dev).eval()
-    return m, AutoProcessor.from_pretrained(model)
+    return load_model(model, device, dtype)
 
 
 def _dataset(args):

@@ -23,7 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["text_config", "prefill_flops", "kv_cache_bytes", "measure_prefill", "measure_generate", "synchronize"]
+__all__ = [
+    "text_config", "prefill_flops", "kv_cache_bytes", "measure_prefill", "measure_generate", "synchronize",
+    "selection_time", "prefill_table",
+]
 
 
 def text_config(config: Any):
@@ -131,19 +134,122 @@ def measure_prefill(model: torch.nn.Module, inputs: dict, repeats: int = 5, warm
 
 @torch.inference_mode()
 def measure_generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int = 16, repeats: int = 3) -> dict[str, float]:
-    """Time to first token (prefill + first step), decode tokens/s and, on CUDA, peak memory.
+    """Time to first token, decode tokens/s and, on CUDA, peak memory of greedy generation.
 
-    Decoding is greedy with ``min_new_tokens = max_new_tokens`` so every run decodes the same count.
+    Every forward call of ``model`` inside ``generate`` is timed by hooks: the first is the prefill
+    (vision tower, selection, language model), the others are decoding steps. TTFT = from the call of
+    ``generate`` to the end of its first forward; decode tokens/s = 1 / median decoding-step time.
+    Medians over ``repeats`` runs after one warm-up; ``min_new_tokens = max_new_tokens`` so every run
+    decodes the same count.
     """
+    if max_new_tokens < 2:
+        raise ValueError("max_new_tokens must be >= 2 to time decoding steps")
     device = _device_of(model)
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def pre(module, args, kwargs):
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def post(module, args, kwargs, output):
+        synchronize(device)
+        ends.append(time.perf_counter())
+
     gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ttft = statistics.median(_time(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), device, repeats, 1))
-    total = statistics.median(_time(lambda: model.generate(**inputs, **gen), device, repeats, 0))
-    out = {
-        "ttft_s": ttft,
-        "decode_tok_per_s": (max_new_tokens - 1) / max(total - ttft, 1e-9),
+    ttfts, steps = [], []
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        for r in range(repeats + 1):
+            starts.clear()
+            ends.clear()
+            synchronize(device)
+            t0 = time.perf_counter()
+            model.generate(**inputs, **gen)
+            if r:  # run 0 is the warm-up
+                ttfts.append(ends[0] - t0)
+                steps.extend(e - s for s, e in zip(starts[1:], ends[1:]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        "ttft_s": statistics.median(ttfts),
+        "decode_tok_per_s": 1.0 / statistics.median(steps),
         "peak_mem_bytes": float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else float("nan"),
     }
-    return out
+
+
+def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repeats: int = 5, seed: int = 0) -> float:
+    """Median seconds of ``select_tokens`` alone on one image's (n, d) features (one warm-up run).
+
+    Attention-based methods get a random ``attention`` signal (their cost is a top-K).
+    """
+    from .selectors import select_tokens
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g).to(device)
+    signals = {"attention": torch.rand(n, generator=g).to(device)} if method in ("cls_attention", "fastv") else {}
+    return statistics.median(_time(lambda: select_tokens(feats, budget, method, **signals), device, repeats, 1))
+
+
+def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv_layer: int = 2,
+                  overhead_budget: int = 64, progress: bool = True):
+    """Measured prefill latency per (method, budget) next to the FLOPs model, as a DataFrame.
+
+    ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). For each
+    pair the model is patched (:func:`~svdprune_utils.llava.patch_llava`), the prefill timed
+    (:func:`measure_prefill`), and unpatched. Columns: method, budget (tokens kept), prefill_ms,
+    latency_ratio (to the unpruned prefill), flops_ratio (decoder FLOPs, same ratio), speedup_vs_flops
+    (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is fully realised), kv_cache_bytes
+    (model dtype), selection_ms (selection alone at ``overhead_budget``, on the model's device) and
+    selection_pct (of the pruned prefill at that budget).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .llava import patch_llava, unpatch_llava
+
+    cfg = model.config
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError(f"prefill_table times one prompt; got a batch of {ids.shape[0]}")
+    n_img = int((ids == cfg.image_token_id).sum())
+    n_text = ids.shape[1] - n_img
+    device = _device_of(model)
+    dtype = next(model.parameters()).dtype
+    base = None
+    rows = []
+    jobs = [(m, int(b)) for m in methods for b in sorted(set(budgets), reverse=True)]
+    for method, budget in tqdm(jobs, desc="prefill", disable=not progress):
+        patch_llava(model, method=method, budget=budget, fastv_layer=fastv_layer)
+        try:
+            t = measure_prefill(model, inputs, repeats=repeats, warmup=1)["median_s"]
+        finally:
+            unpatch_llava(model)
+        k = min(budget, n_img)
+        fastv = dict(n_after=n_text + k, prune_layer=fastv_layer) if method == "fastv" else {}
+        n0 = n_text + (n_img if fastv else k)
+        rows.append({"method": method, "budget": k, "prefill_ms": 1e3 * t,
+                     "flops_ratio": prefill_flops(cfg, n0, **fastv) / prefill_flops(cfg, n_text + n_img),
+                     "kv_cache_bytes": kv_cache_bytes(cfg, n0, dtype, **fastv)})
+        if k == n_img and base is None:
+            base = t
+    if base is None:  # no unpruned run asked for: measure one
+        patch_llava(model, method="svd", budget=n_img)
+        try:
+            base = measure_prefill(model, inputs, repeats=repeats, warmup=1)["median_s"]
+        finally:
+            unpatch_llava(model)
+    df = pd.DataFrame(rows)
+    df["latency_ratio"] = df["prefill_ms"] / (1e3 * base)
+    df["speedup_vs_flops"] = df["flops_ratio"] / df["latency_ratio"]
+    d_vis = cfg.vision_config.hidden_size
+    sel = {m: 1e3 * selection_time(m, n_img, d_vis, overhead_budget, device, repeats) for m in methods}
+    df["selection_ms"] = df["method"].map(sel)
+    at = df[df["budget"] == min(overhead_budget, n_img)].set_index("method")["prefill_ms"]
+    df["selection_pct"] = df["method"].map(lambda m: 100 * sel[m] / at.get(m, float("nan")))
+    return df

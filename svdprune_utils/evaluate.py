@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .llava import patch_llava, unpatch_llava
 from .metrics import region_recall
 
-__all__ = ["normalize_answer", "vqa_score", "evaluate", "load_vqa", "LLAVA_PROMPT", "SHORT_ANSWER"]
+__all__ = ["normalize_answer", "vqa_score", "evaluate", "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
 
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -97,11 +97,11 @@ def _batches(n: int, size: int):
 
 
 @torch.inference_mode()
-def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tokens, timer, desc, progress):
+def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tokens, timer):
     rows = []
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    for idx in tqdm(list(_batches(len(idx_all), batch_size)), desc=desc, leave=False, disable=not progress):
+    for idx in _batches(len(idx_all), batch_size):
         items = [dataset[idx_all[i]] for i in idx]
         images = [it["image"].convert("RGB") if isinstance(it["image"], Image.Image) else it["image"] for it in items]
         texts = [prompt.format(question=it["question"]) for it in items]
@@ -165,12 +165,13 @@ def evaluate(
     n_img = (vc.image_size // vc.patch_size) ** 2
     samples = []
     jobs = [(m, int(b)) for m in methods for b in budgets]
-    for method, budget in tqdm(jobs, desc="method x budget", disable=not progress):
+    bar = tqdm(jobs, desc="method x budget", disable=not progress)
+    for method, budget in bar:
+        bar.set_postfix_str(f"{method}@{budget}")
         patch_llava(model, method=method, budget=budget, **(patch_kwargs or {}))
         try:
             with _prefill_timer(model) as timer:
-                rows = _run_one(model, processor, dataset, index, prompt, batch_size, max_new_tokens, timer,
-                                f"{method}@{budget}", progress)
+                rows = _run_one(model, processor, dataset, index, prompt, batch_size, max_new_tokens, timer)
         finally:
             unpatch_llava(model)
         for r in rows:
@@ -185,6 +186,23 @@ def evaluate(
     by_type.columns = [f"acc_{c}" for c in by_type.columns]
     summary = summary.merge(by_type.reset_index(), on=keys)
     return (summary, per) if return_samples else summary
+
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
+    """(model, processor) for a LLaVA checkpoint: the embedded ``data/...`` directory or a hub id such as
+    ``llava-hf/llava-1.5-7b-hf`` (same code path). ``device="auto"``: CUDA when present, else CPU;
+    ``dtype="auto"``: fp16 on CUDA, fp32 on CPU (or "fp16", "bf16", "fp32"). Eval mode."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .tiny import auto_device
+
+    dev = auto_device(device)
+    dtypes = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp16": torch.float16,
+              "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtypes[dtype]).to(dev).eval()
+    return model, AutoProcessor.from_pretrained(name_or_path)
 
 
 def load_vqa(source: str, split: str = "validation", limit: int | None = None) -> list[dict]:

@@ -2,6 +2,8 @@
 
 import pathlib
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlavaConfig
@@ -74,3 +76,17 @@ def lambda_model(lin):
             return self.lin(x)
 
     return M()
+
+
+def test_measure_generate_on_a_tiny_llava():
+    from svdprune_utils import tiny
+    from svdprune_utils.efficiency import measure_generate
+
+    model = tiny.build_model(seed=0).eval()
+    ids, mask = tiny.encode_ids(["what color is the circle ?"])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.zeros(1, 3, 336, 336)}
+    out = measure_generate(model, inputs, max_new_tokens=3, repeats=1)
+    assert out["ttft_s"] > 0 and out["decode_tok_per_s"] > 0
+    assert np.isnan(out["peak_mem_bytes"])  # CPU: not measured
+    with pytest.raises(ValueError):
+        measure_generate(model, inputs, max_new_tokens=1)
