@@ -38,6 +38,11 @@ __all__ = [
     "grid_shape",
 ]
 
+# notebook helpers (toy matrices, plots); matplotlib/seaborn/skimage load lazily inside their functions
+from . import plotting, toy  # noqa: E402
+
+__all__ += ["toy", "plotting"]
+
 # LLaVA pruning, loaded on first use (importing transformers takes seconds): svdprune_utils.patch_llava(...)
 _LAZY_LLAVA = ("patch_llava", "unpatch_llava", "capture_attention", "AttentionMaps", "PruneState")
 __all__ += list(_LAZY_LLAVA)
