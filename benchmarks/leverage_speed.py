@@ -1,0 +1,186 @@
+"""Speed and accuracy of the leverage-score paths on synthetic CLIP-like token matrices.
+
+Compares, per shape (N tokens × d features) and batch size B:
+
+- ``exact``      — ``leverage_scores(method="exact")``: eigh of the fp64 Gram matrix (the library default)
+- ``exact-svd``  — ``leverage_scores(method="exact-svd")``: fp64 ``torch.linalg.svd``
+- ``torch-fp32`` — plain fp32 ``torch.linalg.svd`` and l_i = Σ_{j<k} U_ij² (the baseline the ratio is to)
+- ``approx``     — ``leverage_scores(method="approx")``: seeded randomized SVD (q = 2k, 4 power iterations)
+
+Timing: median wall time over repeats (one tiny warm-up call per path first; CUDA calls synchronised).
+Accuracy (batch 1, per k): max |score − reference| and the overlap |top-K ∩ top-K_ref| / K (K = 64),
+the reference being fp64 ``numpy.linalg.svd``. Exact paths do a full decomposition, so their time does
+not depend on k; they are timed at k = 64. The approximate path is timed at each k.
+
+Usage::
+
+    OMP_NUM_THREADS=2 python benchmarks/leverage_speed.py            # the table (several minutes on 2 cores)
+    python benchmarks/leverage_speed.py --full                        # + 2880×4096 at batch 8 on the CPU
+    python benchmarks/leverage_speed.py --quick                       # 576-token shapes only, 2 repeats
+    python benchmarks/leverage_speed.py --device cuda                 # GPU timings (reference stays on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from svdprune_utils import leverage_scores
+from svdprune_utils.toy import clip_like
+
+SHAPES = [(576, 1024), (576, 4096), (2880, 4096)]
+BATCHES = [1, 8]
+RANKS = [16, 64]
+TOPK = 64
+EXACT = ["exact", "exact-svd", "torch-fp32"]
+
+
+def torch_fp32_scores(X: torch.Tensor, k: int) -> torch.Tensor:
+    """Leverage from a plain fp32 ``torch.linalg.svd`` (no rank clamp): (B, N, d) -> (B, N)."""
+    U, _, _ = torch.linalg.svd(X.float(), full_matrices=False)
+    return (U[..., :k] ** 2).sum(-1)
+
+
+def run_path(name: str, X: torch.Tensor, k: int) -> torch.Tensor:
+    if name == "torch-fp32":
+        return torch_fp32_scores(X, k)
+    if name == "approx":
+        return leverage_scores(X, rank=k, method="approx", seed=0)
+    return leverage_scores(X, rank=k, method=name)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(name: str, X: torch.Tensor, k: int, repeats: int, device: str) -> tuple[float, torch.Tensor]:
+    """Median seconds over ``repeats`` calls and the last output."""
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = run_path(name, X, k)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def reference(X: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    """fp64 numpy SVD leverage of one (N, d) matrix for each k."""
+    U, _, _ = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    U2 = U**2
+    return {k: U2[:, :k].sum(1) for k in ks}
+
+
+def overlap(a: np.ndarray, b: np.ndarray, K: int) -> float:
+    ta = set(np.argsort(-a, kind="stable")[:K].tolist())
+    tb = set(np.argsort(-b, kind="stable")[:K].tolist())
+    return len(ta & tb) / K
+
+
+def repeats_for(N: int, B: int, base: int) -> int:
+    """Fewer repeats for the big shape (one exact call at 2880×4096 takes seconds to a minute on 2 CPU cores)."""
+    return 1 if N >= 2880 else base
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=5, help="repeats for the 576-token shapes (big ones use fewer)")
+    p.add_argument("--quick", action="store_true", help="576-token shapes only, 2 repeats")
+    p.add_argument("--full", action="store_true",
+                   help="also run 2880×4096 at batch 8 on the CPU (skipped by default: ~8× the batch-1 time, "
+                        "CPU linalg loops over the batch; always run with --device cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the markdown tables to this file")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible", file=sys.stderr)
+        return 2
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    base = 2 if args.quick else args.repeats
+    dev = args.device
+
+    # one tiny warm-up call per path (library loading, LAPACK/cuSOLVER handles)
+    w = torch.randn(1, 64, 128, generator=torch.Generator().manual_seed(0)).to(dev)
+    for name in EXACT + ["approx"]:
+        run_path(name, w, 8)
+    sync(dev)
+
+    t_start = time.perf_counter()
+    speed_rows, acc_rows = [], []
+    for si, (N, d) in enumerate(shapes):
+        for B in BATCHES:
+            if N * B >= 2880 * 8 and dev == "cpu" and not args.full:
+                print(f"  skipped {N}×{d} B={B} on the CPU (pass --full)", file=sys.stderr, flush=True)
+                continue
+            Xn = clip_like(N, d, batch=B, rng=args.seed + 100 * si + B)
+            X = torch.from_numpy(Xn).to(dev)
+            reps = repeats_for(N, B, base)
+            times, outs = {}, {}
+            for name in EXACT:
+                times[name], outs[name] = timed(name, X, 64, reps, dev)
+            for k in RANKS:
+                times[f"approx k={k}"], outs[f"approx k={k}"] = timed("approx", X, k, reps, dev)
+            t_ref = times["torch-fp32"]
+            for name, t in times.items():
+                speed_rows.append((f"{N}×{d}", B, name, reps, t, t / t_ref))
+            print(f"  timed {N}×{d} B={B} ({reps} repeat(s))", file=sys.stderr, flush=True)
+            if B != 1:
+                continue
+            # accuracy on the batch-1 matrix, against fp64 numpy SVD
+            ref = reference(Xn[0], RANKS)
+            U, _, _ = torch.linalg.svd(X.float(), full_matrices=False)
+            for k in RANKS:
+                for name in EXACT + ["approx"]:
+                    if name == "torch-fp32":
+                        s = (U[..., :k] ** 2).sum(-1)
+                    elif name == "approx":
+                        s = outs[f"approx k={k}"]
+                    elif k == 64:
+                        s = outs[name]
+                    else:
+                        s = run_path(name, X, k)
+                    s = s[0].double().cpu().numpy()
+                    acc_rows.append((f"{N}×{d}", k, name, float(np.abs(s - ref[k]).max()), overlap(s, ref[k], TOPK)))
+    total = time.perf_counter() - t_start
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    if dev == "cuda":
+        machine = torch.cuda.get_device_name(0)
+    lines = [
+        f"Device: {dev} ({machine}); torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        f"load average at the end {os.getloadavg()[0]:.2f}; total {total:.0f} s",
+        "",
+        "**Speed** (median seconds; ratio = time / fp32 `torch.linalg.svd` time, < 1 is faster)",
+        "",
+        "| shape N×d | B | path | repeats | median s | ratio |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    lines += [f"| {s} | {b} | {n} | {r} | {t:.4f} | {q:.2f} |" for s, b, n, r, t, q in speed_rows]
+    lines += [
+        "",
+        f"**Accuracy** (batch 1; vs fp64 `numpy.linalg.svd`; overlap = top-{TOPK} sets)",
+        "",
+        f"| shape N×d | k | path | max abs error | top-{TOPK} overlap |",
+        "|---|---:|---|---:|---:|",
+    ]
+    lines += [f"| {s} | {k} | {n} | {e:.1e} | {o:.3f} |" for s, k, n, e, o in acc_rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
