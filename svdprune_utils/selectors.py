@@ -157,6 +157,7 @@ def select_divprune(features, budget):
 
     Starts from the token with the largest summed distance to all others (the most isolated), then
     repeatedly adds the token whose minimum distance to the kept set is largest (ties: lower index).
+    An all-zero token has no direction: it normalises to zero and sits at distance 1 from every token.
     """
     X = torch.nn.functional.normalize(features.double(), dim=-1)
     B, N = X.shape[:2]
