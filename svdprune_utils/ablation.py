@@ -1,0 +1,351 @@
+"""Fast, exact ablations: run the vision tower once per image, then try many selectors × budgets.
+
+``evaluate`` re-runs the whole model for every (method, budget), although the tower, the projector and
+the selection signals do not depend on the budget. Here :func:`encode` calls ``get_image_features``
+once per image (the call the patch wraps) and caches, in a :class:`FeatureCache`, the patch features of
+the requested tower layers, the projected features, the CLS→patch attention at the feature layer, the
+tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then selects with
+``select_tokens`` on the cached features and answers greedily with ``generate`` on ``inputs_embeds``
+built as the patched ``generate`` builds them (placeholder run cut to its first K, left padding, kept
+projected features in raster order), so the answers are the faithful path's (``tests/test_ablation.py``).
+FastV, which prunes inside the language model, runs the fastv-patched model with the cached projected
+features passed as ``mm_encoder_outputs`` (:func:`answer_fastv`). Answers are memoised per (sample,
+kept set): configurations that keep the same tokens share one language-model run.
+
+A configuration is ``{"method": <SELECTORS key>, "feature": "vision" | "projected" | int, **signals}``:
+``feature`` (default "vision" = ``vision_feature_layer``) is what the selector scores (an int: another
+``hidden_states`` layer, CLS dropped); the language model always receives the projected features of
+``vision_feature_layer``, as in the patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .evaluate import LLAVA_PROMPT, _answers, vqa_score
+from .llava import _feature_layer, _strategy, _vision_attention_hook
+from .selectors import score_tokens, select_tokens, top_k
+
+__all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
+           "evaluate_cached"]
+
+
+@dataclass
+class FeatureCache:
+    """What :func:`encode` keeps of ``n`` samples (tensors on the model's device, model dtype).
+
+    features: {"projected": (n, N, d_text)} plus {layer: (n, N, d_vision)} for every requested tower
+        layer (negative indices into ``hidden_states``; CLS dropped under the "default" strategy);
+    attention: (n, N) CLS→patch attention at the feature layer, heads averaged (or None);
+    prompts: n unpadded 1-D ``input_ids`` with N image placeholders each;
+    answers / qtypes: reference answers (lists) and question types; masks: (n, N) bool answer
+        regions or None; feature_layer: the model's ``vision_feature_layer``; grid: (H, W) patch grid.
+    """
+
+    features: dict
+    attention: torch.Tensor | None
+    prompts: list
+    answers: list
+    qtypes: list
+    masks: torch.Tensor | None
+    feature_layer: int
+    grid: tuple[int, int]
+    n_hidden: int = 0  # number of tower hidden states (layers + embeddings)
+    memo: dict = field(default_factory=dict, repr=False)  # (sample, K, kept bytes) -> answer
+    sigma2: torch.Tensor | None = field(default=None, repr=False)  # squared singular values of feature("vision")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def feature(self, key: Any = "vision") -> torch.Tensor:
+        """(n, N, d) features for a configuration's ``feature`` key ("vision", "projected" or a layer)."""
+        key = self.feature_layer if key == "vision" else key
+        if isinstance(key, (int, np.integer)) and key >= 0:
+            key = int(key) - self.n_hidden
+        if key not in self.features:
+            raise KeyError(f"feature {key!r} was not cached; cached: {list(self.features)} (pass layers= to encode)")
+        return self.features[key]
+
+
+def _negative(i: int, n: int) -> int:
+    """A ``hidden_states`` index as its negative form (n = number of hidden states)."""
+    i = int(i)
+    if not -n <= i < n:
+        raise ValueError(f"layer {i} out of range for {n} hidden states")
+    return i - n if i >= 0 else i
+
+
+def _left_pad(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of 1-D id rows, padded on the left (as the processor pads)."""
+    L = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.full((L - len(r),), pad, dtype=r.dtype), r]) for r in rows])
+    mask = torch.stack([(torch.arange(L) >= L - len(r)).long() for r in rows])
+    return ids.to(device), mask.to(device)
+
+
+def _image(item):
+    im = item["image"]
+    return im.convert("RGB") if isinstance(im, Image.Image) else im
+
+
+@torch.inference_mode()
+def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = None, layers: Sequence[int] = (),
+           prompt: str = LLAVA_PROMPT, batch_size: int = 16, attention: bool = True,
+           progress: bool = False) -> FeatureCache:
+    """Run the vision tower (+ projector) once per sample of ``dataset`` and cache what ablations need.
+
+    layers: extra tower layers to keep (negative ``hidden_states`` indices; the feature layer is always
+    kept). attention: also keep the CLS→patch attention (for ``cls_attention``). The prompts come from
+    ``processor`` exactly as in ``evaluate`` (``prompt.format(question=...)``).
+    """
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if n <= 0:
+        raise ValueError("the dataset is empty (or limit <= 0)")
+    layer = _feature_layer(model)
+    if not isinstance(layer, int):
+        raise NotImplementedError("encode needs a single int vision_feature_layer")
+    strategy = _strategy(model)
+    n_layers = model.config.vision_config.num_hidden_layers + 1
+    keep = sorted({_negative(i, n_layers) for i in (layer, *layers)}, reverse=True)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    feats = {k: [] for k in ["projected", *keep]}
+    att, prompts, answers, qtypes, masks = [], [], [], [], []
+    for start in tqdm(range(0, n, batch_size), desc="encode", disable=not progress, leave=False):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        inputs = processor(images=[_image(it) for it in items],
+                           text=[prompt.format(question=it["question"]) for it in items],
+                           return_tensors="pt", padding=True, padding_side="left")
+        box = {}
+        handle = _vision_attention_hook(model, layer, box) if attention else None
+        try:
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"].to(device, dtype),
+                                                 vision_feature_layer=layer,
+                                                 vision_feature_select_strategy=strategy, return_dict=True,
+                                                 output_hidden_states=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        feats["projected"].append(torch.stack(list(out.pooler_output)))
+        for k in keep:
+            h = out.hidden_states[k]
+            feats[k].append(h[:, 1:] if strategy == "default" else h)
+        if attention:
+            a = box["cls"].mean(1)
+            att.append(a[:, 1:] if strategy == "default" else a)
+        for ids, m in zip(inputs["input_ids"], inputs["attention_mask"]):
+            prompts.append(ids[m.bool()].clone())
+        for it in items:
+            answers.append(_answers(it))
+            qtypes.append(it.get("qtype", "all"))
+            masks.append(None if it.get("mask") is None else np.asarray(it["mask"], dtype=bool).ravel())
+    features = {k: torch.cat(v) for k, v in feats.items()}
+    N = features["projected"].shape[1]
+    side = int(round(N**0.5))
+    m = None if any(x is None for x in masks) else torch.as_tensor(np.stack(masks))
+    return FeatureCache(features=features, attention=torch.cat(att) if attention else None, prompts=prompts,
+                        answers=answers, qtypes=qtypes, masks=m,
+                        feature_layer=_negative(layer, n_layers), grid=(side, N // side),
+                        n_hidden=n_layers)
+
+
+def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Sequence[int] | None = None,
+                  chunk: int = 64) -> torch.Tensor:
+    """Kept indices (n, min(K, N)) of the cached ``samples`` (default all) for one configuration."""
+    cfg = dict(config)
+    method = cfg.pop("method", "svd")
+    if method == "fastv":
+        raise ValueError("fastv prunes inside the language model: no kept set before it runs (see answer_fastv)")
+    X = cache.feature(cfg.pop("feature", "vision"))
+    rows = torch.arange(X.shape[0]) if samples is None else torch.as_tensor(list(samples), dtype=torch.long)
+    if cache.grid[0] * cache.grid[1] == X.shape[1]:
+        cfg.setdefault("grid", cache.grid)
+    if method == "cls_attention" and cache.attention is None:
+        raise ValueError("cls_attention needs encode(..., attention=True)")
+    if method == "svd" and cfg.get("rank") is not None and budget < X.shape[1]:
+        # a fixed rank rule gives budget-independent scores: compute them once per configuration
+        key = ("scores", repr(sorted(config.items(), key=str)))
+        if key not in cache.memo:
+            kw = {k: v for k, v in cfg.items() if k != "grid"}
+            cache.memo[key] = torch.cat([score_tokens(X[s:s + chunk], "svd", **kw) for s in range(0, len(X), chunk)])
+        return top_k(cache.memo[key][rows.to(X.device)], budget)  # = select_svd (top_k of the same fp32 scores)
+    out = []
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk].to(X.device)
+        sig = dict(cfg, attention=cache.attention[r]) if method == "cls_attention" else cfg
+        out.append(select_tokens(X[r], budget, method=method, **sig))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int], kept: torch.Tensor, *,
+                  max_new_tokens: int = 4, batch_size: int = 16) -> list[str]:
+    """Greedy answers of ``samples`` when each keeps the tokens ``kept`` (len(samples), K) — the inputs
+    the patched ``generate`` builds: placeholders cut to K, padding on the left, K kept projected
+    features in raster order. Memoised in ``cache.memo``."""
+    image_id = model.config.image_token_id
+    pad = model.generation_config.pad_token_id
+    pad = 0 if pad is None else pad
+    proj = cache.features["projected"]
+    K = kept.shape[1]
+    keys = [(int(i), K, kept[j].cpu().numpy().tobytes()) for j, i in enumerate(samples)]
+    todo = [j for j, key in enumerate(keys) if key not in cache.memo]
+    emb_layer = model.get_input_embeddings()
+    for s in range(0, len(todo), batch_size):
+        part = todo[s:s + batch_size]
+        rows = []
+        for j in part:
+            ids = cache.prompts[samples[j]]
+            pos = (ids == image_id).nonzero().flatten()
+            drop = torch.zeros_like(ids, dtype=torch.bool)
+            drop[pos[K:]] = True  # one image per prompt: keep the first K placeholders
+            rows.append(ids[~drop])
+        ids, mask = _left_pad(rows, pad, proj.device)
+        idx = kept[part].to(proj.device)
+        sel = proj[torch.as_tensor([samples[j] for j in part], device=proj.device)[:, None], idx]  # (b, K, d)
+        emb = emb_layer(ids)
+        emb = emb.masked_scatter((ids == image_id).unsqueeze(-1).expand_as(emb), sel.to(emb.dtype))
+        out = model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        for j, text in zip(part, processor.batch_decode(out, skip_special_tokens=True)):
+            cache.memo[keys[j]] = text.strip()
+    return [cache.memo[key] for key in keys]
+
+
+@torch.inference_mode()
+def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], budget: int, *,
+                 fastv_layer: int | None = None, max_new_tokens: int = 4, batch_size: int = 16):
+    """FastV on cached features: the model patched with ``method="fastv"`` generates from the full
+    prompts (N placeholders) with the cached projected features passed as ``mm_encoder_outputs``
+    (the tower is not re-run; the language model runs as in the faithful path, pruning at layer
+    ``fastv_layer``, default min(2, LLM layers − 1)). Returns (answers, kept (len(samples), K)); memoised."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from .llava import _lm_layers, patch_llava, unpatch_llava
+
+    layer = min(2, len(_lm_layers(model)) - 1) if fastv_layer is None else int(fastv_layer)
+    proj = cache.features["projected"]
+    N = proj.shape[1]
+    if budget >= N:  # nothing pruned: the same run as any method at full budget
+        kept = torch.arange(N).expand(len(samples), -1)
+        return answer_cached(model, processor, cache, samples, kept, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size), kept
+    keys = [(int(i), "fastv", int(budget), layer) for i in samples]
+    todo = [j for j, key in enumerate(keys) if key not in cache.memo]
+    pad = model.generation_config.pad_token_id
+    pad = 0 if pad is None else pad
+    patch_llava(model, method="fastv", budget=budget, fastv_layer=layer)
+    try:
+        for s in range(0, len(todo), batch_size):
+            part = todo[s:s + batch_size]
+            rows = [cache.prompts[samples[j]] for j in part]
+            ids, mask = _left_pad(rows, pad, proj.device)
+            images = BaseModelOutputWithPooling(pooler_output=[proj[samples[j]] for j in part])
+            out = model.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": images},
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+            texts = processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for j, text, k in zip(part, texts, model.svdprune.kept_indices.cpu()):
+                cache.memo[keys[j]] = (text.strip(), k)
+    finally:
+        unpatch_llava(model)
+    got = [cache.memo[key] for key in keys]
+    return [g[0] for g in got], torch.stack([g[1] for g in got])
+
+
+def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None = None):
+    """Batched :func:`~svdprune_utils.metrics.projection_residual` and its Eckart–Young floor.
+
+    X: (n, N, d); kept: (n, K); sigma2: X's squared singular values (n, min(N, d)) if already known.
+    Returns numpy (residual, floor), each (n,): ‖X − X P_S‖²_F / ‖X‖²_F with P_S the projector onto the
+    span of the kept rows, and Σ_{j>K} σ_j² / Σ σ_j². fp64; the span comes from the eigenvectors of the
+    kept rows' smaller Gram matrix (eigenvalues above max(K, d)·ε·λ_max), agreeing with the metric to ~1e-9.
+    """
+    A = X.double()
+    n, N, d = A.shape
+    K = kept.shape[1]
+    sig2 = torch.linalg.svdvals(A) ** 2 if sigma2 is None else sigma2.to(A)
+    total = sig2.sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    floor = (sig2[:, K:].sum(1) / total).cpu().numpy()
+    if K >= N:
+        return np.zeros(n), floor
+    S = A.gather(1, kept.to(A.device)[..., None].expand(-1, -1, d))  # (n, K, d)
+    G = S.transpose(1, 2) @ S if d <= K else S @ S.transpose(1, 2)
+    lam, W = torch.linalg.eigh(G)
+    ok = lam > lam[:, -1:] * max(K, d) * torch.finfo(torch.float64).eps
+    # orthonormal basis of the row span: W itself (d <= K), else Sᵀ W Λ^{-1/2}
+    V = W if d <= K else (S.transpose(1, 2) @ W) / lam.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[:, None, :]
+    V = V * ok[:, None, :]
+    res = (1.0 - ((A @ V) ** 2).sum(dim=(1, 2)) / total).clamp_min(0.0)
+    return res.cpu().numpy(), floor
+
+
+def budget_table(summary: pd.DataFrame, value: str = "accuracy", scale: float = 100.0, digits: int = 1):
+    """Wide view of a summary: configurations (in table order) × budgets (descending), ``value`` × ``scale``."""
+    t = summary.pivot(index="config", columns="budget", values=value)
+    t = t.loc[list(dict.fromkeys(summary["config"])), sorted(t.columns, reverse=True)]
+    return (scale * t).round(digits)
+
+
+def evaluate_cached(model, processor, cache: FeatureCache, configs: Mapping[str, Mapping],
+                    budgets: Sequence[int] = (576, 64), *, samples: Sequence[int] | None = None,
+                    max_new_tokens: int = 4, batch_size: int = 16, residual: bool = True,
+                    return_samples: bool = False, progress: bool = False):
+    """Accuracy, per-type accuracy, answer-region recall and projection residual for configs × budgets.
+
+    configs: {name: {"method": ..., "feature": ..., **signals}}; samples: cached sample indices (default
+    all). The residual and its Eckart–Young floor are measured on the feature-layer patch features (one
+    reference for every configuration). Returns a DataFrame with one row per (config, budget):
+    ``config``, ``method``, ``budget``, ``tokens``, ``accuracy``, ``region_recall`` (NaN without
+    masks), ``residual``, ``floor``, ``n``, ``acc_<qtype>``; with ``return_samples`` also the
+    per-sample table (prediction, answer, score, recall, residual).
+    """
+    if not configs or not budgets:
+        raise ValueError("configs and budgets must not be empty")
+    samples = list(range(len(cache))) if samples is None else [int(i) for i in samples]
+    ref = cache.feature("vision")
+    rows_t = torch.as_tensor(samples, device=ref.device)
+    ref = ref[rows_t]
+    n, N = ref.shape[:2]
+    if residual:
+        if cache.sigma2 is None:  # the floor needs X's spectrum once, not once per configuration
+            cache.sigma2 = torch.linalg.svdvals(cache.feature("vision").double()) ** 2
+        sig2 = cache.sigma2[rows_t]
+    masks = None if cache.masks is None else cache.masks.to(ref.device)[rows_t]
+    rows = []
+    for name, budget in tqdm([(c, int(b)) for c in configs for b in budgets], desc="config x budget",
+                             disable=not progress):
+        cfg = configs[name]
+        if cfg.get("method") == "fastv":
+            preds, kept = answer_fastv(model, processor, cache, samples, budget, fastv_layer=cfg.get("fastv_layer"),
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        else:
+            kept = select_cached(cache, cfg, budget, samples)
+            preds = answer_cached(model, processor, cache, samples, kept, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+        kept = kept.to(ref.device)
+        res = flo = np.full(n, np.nan)
+        if residual:
+            res, flo = residuals(ref, kept, sig2)
+        rec = np.full(n, np.nan)
+        if masks is not None:
+            tot = masks.sum(1).double()
+            rec = torch.where(tot > 0, masks.gather(1, kept).sum(1) / tot.clamp_min(1), torch.nan).cpu().numpy()
+        for j, i in enumerate(samples):
+            rows.append(dict(config=name, method=cfg.get("method", "svd"), budget=budget, tokens=min(budget, N),
+                             index=i, qtype=cache.qtypes[i], prediction=preds[j], answer=cache.answers[i][0],
+                             score=vqa_score(preds[j], cache.answers[i]), region_recall=float(rec[j]),
+                             residual=float(res[j]), floor=float(flo[j])))
+    per = pd.DataFrame(rows)
+    keys = ["config", "method", "budget", "tokens"]
+    summary = per.groupby(keys, sort=False).agg(
+        accuracy=("score", "mean"), region_recall=("region_recall", "mean"), residual=("residual", "mean"),
+        floor=("floor", "mean"), n=("score", "size")).reset_index()
+    by_type = per.pivot_table(index=keys, columns="qtype", values="score", aggfunc="mean", sort=False)
+    by_type.columns = [f"acc_{c}" for c in by_type.columns]
+    summary = summary.merge(by_type.reset_index(), on=keys)
+    return (summary, per) if return_samples else summary

@@ -1,0 +1,119 @@
+"""The cached ablation path (svdprune_utils.ablation) against the faithful patch_llava + generate path,
+on a tiny random LLaVA (answers are meaningless multi-token strings, which makes equality a strict test)."""
+
+import numpy as np
+import pytest
+import torch
+
+from svdprune_utils import tiny
+from svdprune_utils.ablation import encode, evaluate_cached, residuals, select_cached
+from svdprune_utils.evaluate import evaluate
+from svdprune_utils.llava import capture_attention
+from svdprune_utils.metrics import optimal_residual, projection_residual
+from svdprune_utils.selectors import select_tokens
+from svdprune_utils.shapes import ShapesVQA
+
+N_SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor = tiny.build_model(seed=1).eval(), tiny.build_processor()
+    data = ShapesVQA(split="test", n=N_SAMPLES, seed=0)
+    cache = encode(model, processor, data, layers=(-1, 0), batch_size=4)
+    return model, processor, data, cache
+
+
+@pytest.mark.parametrize(
+    "method, patch_kwargs, config",
+    [
+        ("svd", {}, {"method": "svd"}),
+        ("svd", {"rank": 0.9, "center": True}, {"method": "svd", "rank": 0.9, "center": True}),
+        ("cls_attention", {}, {"method": "cls_attention"}),
+        ("divprune", {"feature": "projected"}, {"method": "divprune", "feature": "projected"}),
+        ("fastv", {"fastv_layer": 1}, {"method": "fastv", "fastv_layer": 1}),
+    ],
+)
+def test_cached_path_gives_the_faithful_answers(setup, method, patch_kwargs, config):
+    model, processor, data, cache = setup
+    budgets = [576, 32, 8]
+    ref = evaluate(model, processor, data, [method], budgets, batch_size=4, patch_kwargs=patch_kwargs,
+                   return_samples=True, progress=False)[1]
+    got = evaluate_cached(model, processor, cache, {"c": config}, budgets, batch_size=4, return_samples=True)[1]
+    assert got["prediction"].tolist() == ref["prediction"].tolist()
+    assert got["score"].tolist() == ref["score"].tolist()
+    np.testing.assert_allclose(got["region_recall"], ref["region_recall"])
+    assert not hasattr(model, "svdprune")
+
+
+def test_encode_keeps_the_tower_features_and_cls_attention(setup):
+    model, processor, data, cache = setup
+    inputs = processor(images=[data[0]["image"]], text=[tiny.PROMPT.format(question=data[0]["question"])],
+                       return_tensors="pt")
+    with torch.no_grad():
+        hs = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    assert sorted(k for k in cache.features if k != "projected") == [-5, -2, -1]  # 0 -> -5 (embeddings)
+    torch.testing.assert_close(cache.feature("vision")[0], hs[-2][0, 1:])
+    torch.testing.assert_close(cache.feature(0)[0], hs[0][0, 1:])
+    torch.testing.assert_close(cache.feature(-1)[0], hs[-1][0, 1:])
+    maps = capture_attention(model, dict(inputs), layers=[0])
+    torch.testing.assert_close(cache.attention[0], maps.vision[0])
+    assert cache.masks.shape == (N_SAMPLES, 576) and len(cache.prompts) == N_SAMPLES
+    with pytest.raises(KeyError, match="not cached"):
+        cache.feature(-3)
+
+
+def test_select_cached_is_select_tokens_on_the_cached_features(setup):
+    _, _, _, cache = setup
+    kept = select_cached(cache, {"method": "svd", "feature": -1, "rank": 4}, 16, chunk=4)
+    assert torch.equal(kept, select_tokens(cache.feature(-1), 16, "svd", rank=4))
+    kept = select_cached(cache, {"method": "uniform"}, 16)
+    assert torch.equal(kept, select_tokens(cache.feature("vision"), 16, "uniform", grid=(24, 24)))
+    with pytest.raises(ValueError, match="inside the language model"):
+        select_cached(cache, {"method": "fastv"}, 16)
+
+
+def test_residuals_match_the_metrics(setup):
+    _, _, _, cache = setup
+    X = cache.feature("vision")
+    for K in (4, 40):
+        kept = select_cached(cache, {"method": "norm"}, K)
+        res, floor = residuals(X, kept)
+        for i in range(len(cache)):
+            assert res[i] == pytest.approx(projection_residual(X[i], kept[i]), abs=1e-9)
+            assert floor[i] == pytest.approx(optimal_residual(X[i], K), abs=1e-9)
+            assert res[i] >= floor[i] - 1e-9
+
+
+def test_same_kept_set_runs_the_language_model_once(setup, monkeypatch):
+    model, processor, _, cache = setup
+    calls = []
+    orig = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    cache.memo.clear()
+    configs = {"a": {"method": "svd", "rank": 3}, "b": {"method": "svd", "rank": 3}}
+    table = evaluate_cached(model, processor, cache, configs, [576, 16], batch_size=N_SAMPLES)
+    assert len(calls) == 2  # one run at 576, one at 16: config b reuses a's answers
+    assert table["accuracy"].tolist()[:2] == table["accuracy"].tolist()[2:]
+    assert (table["n"] == N_SAMPLES).all() and {"residual", "floor", "acc_color"} <= set(table.columns)
+
+
+def test_budget_table_and_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from svdprune_utils.ablation import budget_table
+    from svdprune_utils.plotting import budget_panels
+
+    rows = [dict(config=c, budget=b, accuracy=a, region_recall=a / 2, residual=1 / b, floor=0.5 / b)
+            for c, a in (("z-first", 0.5), ("a-second", 0.25)) for b in (16, 64, 576)]
+    summary = pd.DataFrame(rows)
+    t = budget_table(summary)
+    assert list(t.index) == ["z-first", "a-second"] and list(t.columns) == [576, 64, 16]
+    assert t.loc["a-second", 64] == 25.0
+    fig, axes = budget_panels(summary.assign(region_recall=float("nan")))  # an all-NaN metric is skipped
+    assert [ax.get_ylabel() for ax in axes] == ["accuracy", "projection residual"]
+    assert any(line.get_label() == "Eckart–Young floor" for line in axes[-1].get_lines())
+    matplotlib.pyplot.close(fig)
