@@ -4,7 +4,9 @@
     python benchmarks/llava_speed.py --random-weights --config llava-1.5-7b --device cuda
 
 ``--random-weights`` builds the architecture of ``data/configs/<config>.json`` (or a JSON path) with
-random weights: speed and memory only, answers meaningless; nothing is downloaded. The table comes
+random weights: speed and memory only, answers meaningless; nothing is downloaded. ``--text-layers N``
+keeps only the first N decoder layers (full width) where the whole model does not fit (a CPU laptop):
+the FLOPs model then uses the same truncated config, and the vision tower's fixed cost weighs more. The table comes
 from ``svdprune_utils.efficiency.prefill_table``: for every budget and method the model is patched
 with ``patch_llava`` and one prefill (a forward with the KV cache on, image included) is timed (median
 of ``--repeats`` after a warm-up), next to the decoder-FLOPs ratio to the unpruned prefill and the
@@ -38,6 +40,11 @@ def load_config(name: str) -> LlavaConfig:
 def build_model(args, device, dtype) -> LlavaForConditionalGeneration:
     if args.random_weights:
         config = load_config(args.config)
+        if args.text_layers is not None:
+            if not 1 <= args.text_layers <= config.text_config.num_hidden_layers:
+                raise SystemExit(f"--text-layers must be in [1, {config.text_config.num_hidden_layers}], "
+                                 f"got {args.text_layers}")
+            config.text_config.num_hidden_layers = args.text_layers
         torch.manual_seed(args.seed)  # a script, not the library: seeding the global RNG is fine here
         with torch.device(device):
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
@@ -80,6 +87,8 @@ def main(argv=None) -> int:
     src.add_argument("--model", help="a local directory or hub id of a LlavaForConditionalGeneration")
     src.add_argument("--random-weights", action="store_true", help="random weights for --config (speed only)")
     p.add_argument("--config", default="llava-1.5-7b", help="data/configs/<name>.json or a JSON path")
+    p.add_argument("--text-layers", type=int, help="with --random-weights: keep only the first N decoder layers "
+                   "(the full width, for machines that cannot hold the whole model; FLOPs use the same config)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     p.add_argument("--budgets", default="576,192,128,64,32,16")
@@ -93,7 +102,9 @@ def main(argv=None) -> int:
     df = run(args)
     device = auto_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    header = f"device: {name}; model: {args.model or args.config + ' (random weights)'}; torch {torch.__version__}\n\n"
+    model_name = args.model or args.config + " (random weights" + (
+        f", first {args.text_layers} decoder layers)" if args.text_layers else ")")
+    header = f"device: {name}; model: {model_name}; torch {torch.__version__}\n\n"
     table = header + df.to_markdown(index=False, floatfmt=".3f")
     print(table)
     if args.out:

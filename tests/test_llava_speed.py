@@ -44,6 +44,23 @@ def test_random_weights_prefill_table(tmp_path):
     assert "random weights" in out.read_text()
 
 
+def test_text_layers_truncates_the_decoder(tmp_path):
+    import argparse
+
+    import pytest
+    import torch
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    mod = _script()
+    args = argparse.Namespace(random_weights=True, config=str(cfg), text_layers=2, seed=0)
+    model = mod.build_model(args, "cpu", torch.float32)
+    assert len(model.model.language_model.layers) == 2 == model.config.text_config.num_hidden_layers
+    with pytest.raises(SystemExit, match="--text-layers must be in"):
+        mod.build_model(argparse.Namespace(random_weights=True, config=str(cfg), text_layers=4, seed=0), "cpu",
+                        torch.float32)
+
+
 def test_shipped_7b_config_loads():
     cfg = _script().load_config("llava-1.5-7b")
     assert cfg.text_config.num_hidden_layers == 32 and cfg.vision_config.image_size == 336
