@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown table here (and a .csv beside it)")
     args = p.parse_args(argv)
+    if args.text_layers is not None and not args.random_weights:
+        p.error("--text-layers truncates a --random-weights model; it cannot apply to --model")
     df = run(args)
     device = auto_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

@@ -59,6 +59,8 @@ def test_text_layers_truncates_the_decoder(tmp_path):
     with pytest.raises(SystemExit, match="--text-layers must be in"):
         mod.build_model(argparse.Namespace(random_weights=True, config=str(cfg), text_layers=4, seed=0), "cpu",
                         torch.float32)
+    with pytest.raises(SystemExit):  # argparse error: only a random-weights model can be truncated
+        mod.main(["--model", str(tmp_path), "--text-layers", "2"])
 
 
 def test_shipped_7b_config_loads():
