@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .metrics import grid_shape
+
 __all__ = ["figures_dir", "save_figure", "kept_mask", "overlay_kept", "score_map", "budget_curve", "model_view", "map_grid",
            "budget_panels"]
 
@@ -21,6 +23,15 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _bare(ax, title: str | None = None):
+    """No ticks on a patch-grid image; the title if given. Returns ``ax``."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return ax
 
 
 def figures_dir() -> Path:
@@ -106,11 +117,7 @@ def overlay_kept(
         if not padded[r + 1, c + 2]:
             segs.append([(x1, y0), (x1, y1)])
     ax.add_collection(LineCollection(segs, colors=edgecolor, linewidths=linewidth))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title)
-    return ax
+    return _bare(ax, title)
 
 
 def score_map(
@@ -131,14 +138,7 @@ def score_map(
     import matplotlib.pyplot as plt
 
     s = _np(scores).astype(np.float64).ravel()
-    if grid is None:
-        side = int(round(np.sqrt(s.size)))
-        if side * side != s.size:
-            raise ValueError(f"{s.size} scores do not form a square grid; pass grid=(H, W)")
-        grid = (side, side)
-    H, W = int(grid[0]), int(grid[1])
-    if H * W != s.size:
-        raise ValueError(f"grid {H}x{W} does not match {s.size} scores")
+    H, W = grid_shape(s.size, grid)
     ax = ax or plt.gca()
     im = ax.imshow(s.reshape(H, W), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     if kept is not None:
@@ -146,11 +146,7 @@ def score_map(
         ax.scatter(c, r, s=6, c="#00e5ff", marker="o", linewidths=0)
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title)
-    return ax
+    return _bare(ax, title)
 
 
 def budget_curve(
@@ -237,9 +233,7 @@ def map_grid(
     im = None
     for ax, (title, a) in zip(axes.flat, arrays.items()):
         im = ax.imshow(a, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(title, fontsize="small")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _bare(ax).set_title(title, fontsize="small")
     for ax in list(axes.flat)[len(arrays):]:
         ax.set_visible(False)
     cbar = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02)
