@@ -61,7 +61,10 @@ def _dataset(args):
     from .shapes import ShapesVQA
 
     if args.dataset in (None, "shapes"):
-        return ShapesVQA(split=args.split, n=args.n, seed=args.seed)
+        ds = ShapesVQA(split=args.split, n=args.n, seed=args.seed)
+        n = len(ds) if args.limit is None else min(args.limit, len(ds))
+        # rendered once (not once per method x budget); the per-pixel id map is not needed here
+        return [{k: v for k, v in ds[i].items() if k not in ("idmap", "coverage")} for i in range(n)]
     return load_vqa(args.dataset, split=args.split, limit=args.limit)
 
 
@@ -132,7 +135,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _train_tiny(args: argparse.Namespace) -> int:
     from .tiny import train_tiny
 
-    train_tiny(out_dir=args.out, seed=args.seed, device=args.device)
+    over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_samples=args.stage2_samples).items()
+            if v is not None}
+    res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
+                     time_budget=args.time_budget, stage1_from=args.stage1_from, **over)
+    print("validation accuracy:", {k: round(v, 3) for k, v in res.items()})
+    print(f"saved to {args.out} (log: train_log.csv, recipe: recipe.json)")
     return 0
 
 
@@ -173,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train-tiny", help="train the embedded tiny LLaVA from scratch")
     tr.add_argument("--out", default=str(DEFAULT_PATH))
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
+    tr.add_argument("--workers", type=int, default=1, help="DataLoader processes rendering scenes")
+    tr.add_argument("--stage1-samples", type=int, default=None, help="images for stage 1 (default: recipe)")
+    tr.add_argument("--stage2-samples", type=int, default=None, help="images for stage 2 (default: recipe)")
+    tr.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; stops each stage early in proportion to its share of the samples")
+    tr.add_argument("--stage1-from", default=None,
+                    help="skip stage 1: reuse the vision tower (and stage-1 log rows) of an earlier run's output")
     tr.set_defaults(func=_train_tiny)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -3,7 +3,16 @@
 Each sample is a detail-rich 336×336 RGB scene laid on LLaVA-1.5's 24×24 grid of 14-px patches
 (576 visual tokens): a textured, cluttered grey background, several small coloured objects
 (``SHAPES`` × ``COLORS``, sizes down to about one patch) and one white *card* that carries a small
-digit (the fine-detail question). Every question has a single-word answer and an **answer-region
+digit (the fine-detail question).
+
+Layout (``SceneConfig.align``): by default every object is drawn inside one patch cell (9–11 px,
+centred on the cell ±1 px) and the card covers 3×3 cells with its digit exactly in the centre patch;
+cells are chosen over the whole image by the position distribution, and objects never touch (no two
+occupy neighbouring cells). An object is then identifiable from one visual token, which lets the tiny
+embedded tower learn shapes within a CPU budget (a 14-px patch that sees an arbitrary piece of a
+freely placed object is a much harder target; see data/README.md), and makes each object a single
+token that a pruning method either keeps or loses. ``align=False`` places objects freely (sizes
+``min_size``…``max_size``, card ``card_size``) for harder scenes. Every question has a single-word answer and an **answer-region
 mask**: a (24, 24) bool array, True on every patch that the object(s) needed for the answer touch
 (row-major, patch (r, c) covers pixels [14r, 14r+14) × [14c, 14c+14)).
 
@@ -94,16 +103,30 @@ class SceneConfig:
 
     min_objects: int = 4  # coloured objects, the card not counted
     max_objects: int = 7
-    min_size: int = 14  # object bounding-box side in px (14 = one patch)
-    max_size: int = 40
-    card_size: tuple[int, int] = (26, 32)
+    min_size: int = 9  # object bounding-box side in px (14 = one patch)
+    max_size: int = 11
+    card_size: tuple[int, int] = (26, 32)  # only with align=False (aligned cards are 3×3 cells)
     clutter: float = 1.0  # multiplies the number of background lines and specks
     position: str | Callable = "uniform"
     position_sd: float = 70.0
     qtypes: tuple[str, ...] = QTYPES  # drawn uniformly
+    align: bool = True  # one object per patch cell (see the module docstring)
+    jitter: int = 1  # aligned objects: max offset (px) of the object centre from the cell centre
+
+    def __post_init__(self):
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError("need 1 <= min_objects <= max_objects")
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError("need 1 <= min_size <= max_size")
+        if self.align and self.max_size + 2 * self.jitter > PATCH - 1:  # PIL fills the end pixel too
+            raise ValueError(f"align=True draws each object inside one {PATCH}-px cell: need "
+                             f"max_size + 2*jitter <= {PATCH - 1}, got {self.max_size} + 2*{self.jitter}")
+        bad = set(self.qtypes) - set(QTYPES)
+        if bad or not self.qtypes:
+            raise ValueError(f"unknown question types {sorted(bad)}; choose from {QTYPES}")
 
 
-EASY = SceneConfig(min_objects=1, max_objects=3, min_size=26, max_size=44, clutter=0.3)
+EASY = SceneConfig(min_objects=1, max_objects=3, clutter=0.3)
 """An easy curriculum stage: few, larger objects, little clutter."""
 
 
@@ -150,16 +173,22 @@ def _center(rng: np.random.Generator, cfg: SceneConfig, half: float) -> tuple[fl
 
 def _place(rng, cfg, size, boxes, quadrant=None, tries=300):
     """Centre of a size×size box not overlapping ``boxes`` (3-px gap); None when it does not fit.
-    With ``quadrant`` the box lies inside that quadrant, clear of the midlines."""
+    With ``quadrant`` the box lies inside that quadrant, clear of the midlines. With ``cfg.align``
+    ``size`` is the box side in whole cells and the centre is snapped to a cell centre (so the gap
+    rule keeps objects out of neighbouring cells)."""
     half = size / 2
     for _ in range(tries):
         x, y = _center(rng, cfg, half)
+        if cfg.align:  # snap to the centre of the cell holding (x, y); size counts cells here
+            k = size // PATCH
+            lo, hi = k // 2, GRID - 1 - k // 2
+            x, y = ((np.clip(np.floor(v / PATCH), lo, hi) + 0.5) * PATCH for v in (x, y))
         if quadrant is not None:
-            m = IMAGE_SIZE / 2
+            m, g = IMAGE_SIZE / 2, 0 if cfg.align else 2  # aligned boxes are whole cells
             top, left = quadrant.startswith("top"), quadrant.endswith("left")
-            if top and y + half + 2 > m or (not top) and y - half - 2 < m:
+            if top and y + half + g > m or (not top) and y - half - g < m:
                 continue
-            if left and x + half + 2 > m or (not left) and x - half - 2 < m:
+            if left and x + half + g > m or (not left) and x - half - g < m:
                 continue
         b = (x - half, y - half, x + half, y + half)
         if all(b[2] + 3 < o[0] or o[2] + 3 < b[0] or b[3] + 3 < o[1] or o[3] + 3 < b[1] for o in boxes):
@@ -300,23 +329,31 @@ def _try_sample(rng, cfg, qtype):
     n = max(n, len(targets))
     specs = [(p, True) for p in targets] + [(_pick(rng, allowed), False) for _ in range(n - len(targets))]
 
-    objects, boxes = [], []
+    objects, boxes = [], []  # boxes: the space taken (whole cells when aligned)
     digit = answer if qtype == "digit" else _pick(rng, DIGITS)
-    size = int(rng.integers(cfg.card_size[0], cfg.card_size[1] + 1))
-    xy = _place(rng, cfg, size, boxes)
+
+    def box_at(xy, side):
+        return (xy[0] - side / 2, xy[1] - side / 2, xy[0] + side / 2, xy[1] + side / 2)
+
+    if cfg.align:
+        xy = _place(rng, cfg, 3 * PATCH, boxes)
+        size = 3 * PATCH - 2
+    else:
+        size = int(rng.integers(cfg.card_size[0], cfg.card_size[1] + 1))
+        xy = _place(rng, cfg, size, boxes)
     if xy is None:
         return None
-    box = (xy[0] - size / 2, xy[1] - size / 2, xy[0] + size / 2, xy[1] + size / 2)
-    objects.append(dict(kind="card", digit=digit, box=box, target=qtype == "digit"))
-    boxes.append(box)
+    objects.append(dict(kind="card", digit=digit, box=box_at(xy, size), target=qtype == "digit"))
+    boxes.append(box_at(xy, 3 * PATCH if cfg.align else size))
     for (s, c), is_target in specs:
         size = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-        xy = _place(rng, cfg, size, boxes, quadrant=quadrant if is_target else None)
+        xy = _place(rng, cfg, PATCH if cfg.align else size, boxes, quadrant=quadrant if is_target else None)
         if xy is None:
             return None
-        box = (xy[0] - size / 2, xy[1] - size / 2, xy[0] + size / 2, xy[1] + size / 2)
-        objects.append(dict(kind="object", shape=s, color=c, box=box, target=is_target))
-        boxes.append(box)
+        boxes.append(box_at(xy, PATCH if cfg.align else size))
+        if cfg.align:
+            xy = xy + rng.integers(-cfg.jitter, cfg.jitter + 1, size=2)
+        objects.append(dict(kind="object", shape=s, color=c, box=box_at(xy, size), target=is_target))
     order = rng.permutation(len(objects))  # draw order (and indices) independent of the role
     objects = [objects[i] for i in order]
 
@@ -336,6 +373,61 @@ def _try_sample(rng, cfg, qtype):
             return None
     return dict(image=image, question=q, answer=answer, qtype=qtype, mask=mask, objects=objects,
                 coverage=cov, idmap=idmap)
+
+
+def scene_questions(objects: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """Every question with a well-defined answer on a scene, by type: ``{qtype: [(question,
+    answer), ...]}`` from the ``objects`` of a sample (the rules of ``make_sample``: a colour/shape
+    question needs a unique object of that shape/colour, a quadrant question a unique colour-shape
+    pair, a count question 1-3 objects of the shape; every colour-shape pair gets an existence
+    question, answered yes or no). Used to train on several question turns per image."""
+    objs = [o for o in objects if o["kind"] == "object"]
+    out: dict[str, list[tuple[str, str]]] = {q: [] for q in QTYPES}
+    for shape in SHAPES:
+        of = [o for o in objs if o["shape"] == shape]
+        if len(of) == 1:
+            out["color"].append((TEMPLATES["color"].format(shape=shape), of[0]["color"]))
+        if str(len(of)) in COUNTS:
+            out["count"].append((TEMPLATES["count"].format(plural=PLURALS[shape]), str(len(of))))
+    for color in COLORS:
+        of = [o for o in objs if o["color"] == color]
+        if len(of) == 1:
+            out["shape"].append((TEMPLATES["shape"].format(color=color), of[0]["shape"]))
+    for shape in SHAPES:
+        for color in COLORS:
+            of = [o for o in objs if o["shape"] == shape and o["color"] == color]
+            out["exist"].append((TEMPLATES["exist"].format(color=color, shape=shape), "yes" if of else "no"))
+            if len(of) == 1:
+                x0, y0, x1, y1 = of[0]["box"]
+                v = "top" if y1 <= IMAGE_SIZE / 2 else "bottom" if y0 >= IMAGE_SIZE / 2 else None
+                h = "left" if x1 <= IMAGE_SIZE / 2 else "right" if x0 >= IMAGE_SIZE / 2 else None
+                if v and h:
+                    out["quadrant"].append((TEMPLATES["quadrant"].format(color=color, shape=shape), f"{v}-{h}"))
+    out["digit"] = [(TEMPLATES["digit"], o["digit"]) for o in objects if o["kind"] == "card"]
+    return out
+
+
+def extra_turns(sample: dict, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` more (question, answer) turns about ``sample``'s scene, drawn from ``rng``: rounds
+    over the question types in random order, one new question of each type per round (existence:
+    yes or no with equal probability when both are left), never repeating a question (nor the
+    sample's own)."""
+    qs = scene_questions(sample["objects"])
+    asked, turns = {sample["question"]}, []
+    while len(turns) < n:
+        added = False
+        for qt in rng.permutation(list(QTYPES)):
+            cand = [qa for qa in qs[qt] if qa[0] not in asked]
+            if qt == "exist" and cand:
+                by = {a: [qa for qa in cand if qa[1] == a] for a in ("yes", "no")}
+                cand = by[_pick(rng, [a for a in ("yes", "no") if by[a]])]
+            if cand and len(turns) < n:
+                turns.append(cand[int(rng.integers(len(cand)))])
+                asked.add(turns[-1][0])
+                added = True
+        if not added:
+            break
+    return turns
 
 
 # ---------------------------------------------------------------------------------------- dataset

@@ -99,8 +99,8 @@ class TinySizes:
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 2
+    text_hidden: int = 128  # 4 heads of 32: enough rotary pairs slow enough to match content 576 tokens apart
+    text_layers: int = 3  # FastV's default K = 2 then has a layer after it
     text_heads: int = 4
 
 
@@ -174,6 +174,35 @@ def encode_ids(questions, answers=None, n_image: int = S.GRID ** 2) -> tuple[tor
     return ids, mask
 
 
+def encode_turns(dialogues, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask, labels) of multi-turn dialogues about one image
+    each: ``dialogues[i]`` is a list of (question, answer); the first turn is the LLaVA prompt
+    "USER: <image>\\n{q} ASSISTANT: {a} </s>", later turns "USER: {q} ASSISTANT: {a} </s>" (the
+    LLaVA-1.5 conversation format). ``labels`` is -100 except on each answer word and its </s>.
+    A one-turn dialogue gives exactly ``encode_ids([q], [a])``."""
+    v = vocab()
+    seqs, labs = [], []
+    for turns in dialogues:
+        if not turns:
+            raise ValueError("every dialogue needs at least one (question, answer) turn")
+        ids, lab = [v["<s>"]], [-100]
+        for t, (q, a) in enumerate(turns):
+            head = [v["USER:"]] + ([v["<image>"]] * n_image if t == 0 else [])
+            head += [v[w] for w in q.split()] + [v["ASSISTANT:"]]
+            ids += head + [v[a], v["</s>"]]
+            lab += [-100] * len(head) + [v[a], v["</s>"]]
+        seqs.append(ids)
+        labs.append(lab)
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), v["<pad>"], dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+    for i, (s_, l_) in enumerate(zip(seqs, labs)):
+        ids[i, n - len(s_):], labels[i, n - len(s_):] = torch.tensor(s_), torch.tensor(l_)
+        mask[i, n - len(s_):] = 1
+    return ids, mask, labels
+
+
 def vision_features(model, pv: torch.Tensor) -> torch.Tensor:
     """(B, 577, d) = the tower's ``hidden_states[vision_feature_layer]`` (CLS first), computed
     without the layers after it (equal to what ``LlavaModel.get_image_features`` selects)."""
@@ -244,30 +273,36 @@ class Recipe:
     """The training recipe (all knobs of ``train_tiny``); written to ``recipe.json``."""
 
     sizes: TinySizes = field(default_factory=TinySizes)
-    stage1_samples: int = 12_000
-    stage2_samples: int = 36_000
-    batch_size: int = 32
-    stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3
+    stage1_samples: int = 10_000
+    stage2_samples: int = 40_000  # images; each carries ``turns`` question turns
+    stage1_batch_size: int = 16
+    batch_size: int = 8  # stage 2: many small steps (the LM's retrieval circuit needs steps, not samples)
+    turns: int = 10  # question turns per image in stage 2 (LLaVA-style multi-turn conversations)
+    stage1_lr: float = 3e-3
+    stage2_lr: float = 2e-3
     stage2_tower_lr: float = 0.0  # 0: tower frozen in stage 2
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    curriculum: tuple = ((0.15, "easy"), (0.35, "medium"), (1.0, "full"))  # (until fraction, stage)
+    curriculum: tuple = ((0.2, "easy"), (0.45, "medium"), (1.0, "full"))  # (until fraction, stage)
+    # stage 2 token dropping, (until fraction, image tokens kept): every object/card patch plus random
+    # background patches, at their full-sequence positions; None = all 576 (see _thin_image_tokens)
+    image_tokens: tuple = ((0.75, 128), (1.0, None))
     log_every: int = 1_000  # samples between loss rows in train_log.csv
     eval_every: int = 4_000  # samples between validation rows (stage 2)
     eval_n: int = 180  # validation questions (balanced over the types)
 
 
 CURRICULUM = {"easy": S.EASY,
-              "medium": S.SceneConfig(min_objects=2, max_objects=5, min_size=18, max_size=40, clutter=0.6),
+              "medium": S.SceneConfig(min_objects=2, max_objects=5, clutter=0.6),
               "full": S.SceneConfig()}
 
 
 class _Encoded(torch.utils.data.Dataset):
-    """ShapesVQA items → training tensors (runs in DataLoader workers)."""
+    """ShapesVQA items → training tensors (runs in DataLoader workers); ``turns`` question turns
+    per image (the sample's own question first, then ``shapes.extra_turns``)."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, turns: int = 1):
+        self.ds, self.turns = ds, turns
 
     def __len__(self):
         return len(self.ds)
@@ -294,13 +329,17 @@ class _Encoded(torch.utils.data.Dataset):
                 present[si * len(colors) + ci] = 1
         dense = np.stack([col, shp, dig, ctr]).reshape(4, -1)
         pv = pixel_values([s["image"]])[0]
-        return pv, torch.as_tensor(dense), torch.as_tensor(present), s["question"], s["answer"]
+        turns = [(s["question"], s["answer"])]
+        if self.turns > 1:
+            rng = np.random.default_rng([self.ds.seed, S.SPLIT_IDS[self.ds.split], i, 1])
+            turns += S.extra_turns(s, rng, self.turns - 1)
+        return pv, torch.as_tensor(dense), torch.as_tensor(present), turns
 
 
 def _collate(batch):
-    pv, dense, present, q, a = zip(*batch)
-    ids, mask = encode_ids(q, a)
-    return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask
+    pv, dense, present, turns = zip(*batch)
+    ids, mask, labels = encode_turns(turns)
+    return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask, labels
 
 
 class _Stage1Heads(nn.Module):
@@ -332,17 +371,54 @@ def _stage1_loss(model, heads, pv, dense, present):
     return loss
 
 
-def _stage2_loss(model, pv, ids, mask, train_tower):
-    labels = ids.clone()
-    labels[:, :-2] = -100  # the answer word and </s>
+@torch.no_grad()
+def stage1_accuracy(model, heads, batch) -> dict[str, float]:
+    """Per-patch accuracy of the stage-1 heads on object patches (colour, shape, quadrant) and on
+    card patches (digit), for a collated ``_Encoded`` batch."""
+    pv, dense = batch[0], batch[1]
+    h = vision_features(model, pv.to(next(model.parameters()).device))[:, 1:]
+    logits = heads.dense(heads.norm(h)).split(heads.splits, dim=-1)
+    dense = dense.to(h.device)
+    obj, card = dense[:, 1] < len(S.SHAPES), dense[:, 2] < len(S.DIGITS)
+    quad = _quadrant_targets(h.device).expand(len(pv), -1)
+    hit = [(lg.argmax(-1) == t) for lg, t in zip(logits, list(dense.unbind(1)) + [quad])]
+    return dict(color=hit[0][obj].float().mean().item(), shape=hit[1][obj].float().mean().item(),
+                digit=hit[2][card].float().mean().item(), quadrant=hit[4][obj].float().mean().item())
+
+
+def _thin_image_tokens(ids, mask, labels, dense, image_token_id, n_keep, generator):
+    """Training-time token dropping (stage 2): keep every patch an object or the card covers and
+    random background patches up to ``n_keep`` image tokens per row, drop the other placeholders,
+    and give every kept token the position it has in the full sequence, so RoPE distances are those
+    of a 576-token prompt. Returns (ids, mask, labels, position_ids, kept patch indices (B, n_keep))."""
+    B, N = dense.shape[0], dense.shape[-1]
+    on_object = (dense[:, 1] < len(S.SHAPES) + 1).float()  # coloured objects and the card
+    noise = torch.rand(B, N, generator=generator).to(dense.device)
+    kept = (noise + 2.0 * on_object).topk(n_keep, dim=1).indices.sort(dim=1).values
+    is_img = ids == image_token_id
+    keep_img = torch.zeros(B, N, dtype=torch.bool, device=ids.device).scatter_(1, kept, True)
+    keep = ~is_img
+    keep[is_img] = keep_img.reshape(-1)  # placeholders are the N patches in raster order
+    pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+    S_ = int(keep[0].sum())
+    pick = lambda t: t[keep].reshape(B, S_)  # noqa: E731 (every row keeps the same number)
+    return pick(ids), pick(mask), pick(labels), pick(pos), kept
+
+
+def _stage2_loss(model, pv, ids, mask, labels, train_tower, dense=None, n_keep=None, generator=None):
     with torch.set_grad_enabled(train_tower):
         feats = vision_features(model, pv)[:, 1:]
+    pos = None
+    if n_keep is not None and n_keep < feats.shape[1]:
+        ids, mask, labels, pos, kept = _thin_image_tokens(ids, mask, labels, dense, model.config.image_token_id,
+                                                          n_keep, generator)
+        feats = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
     emb = embed_inputs(model, ids, model.model.multi_modal_projector(feats))
-    return model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    return model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, labels=labels).loss
 
 
-def _loader(cfg, n, seed, batch_size, workers):
-    ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False))
+def _loader(cfg, n, seed, batch_size, workers, turns=1):
+    ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False), turns)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -361,7 +437,7 @@ def _lr(step, base, warmup):
 
 def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = "auto",
                recipe: Recipe = Recipe(), time_budget: float | None = None, workers: int = 0,
-               progress: bool = True, **overrides) -> dict:
+               progress: bool = True, stage1_from: str | Path | None = None, **overrides) -> dict:
     """Train the tiny LLaVA from scratch (``recipe``, with ``overrides`` of its fields) and save
     model + processor + ``train_log.csv`` + ``recipe.json`` to ``out_dir``.
 
@@ -384,9 +460,15 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     log, t0, total = [], time.time(), recipe.stage1_samples + recipe.stage2_samples
     bar = tqdm(total=total, unit="sample", disable=not progress, smoothing=0.05)
 
+    probe = _collate([_Encoded(S.ShapesVQA("val", n=64, seed=seed, balanced=False))[i] for i in range(64)])
+
     def record(stage, seen, loss, evaluate):
         row = dict(stage=stage, samples=seen, seconds=round(time.time() - t0, 1), loss=round(loss, 4))
-        if evaluate:
+        if evaluate and stage == 1:  # per-patch accuracy of the tower on 64 validation images
+            model.eval()
+            row.update({f"patch_{k}": round(v, 4) for k, v in stage1_accuracy(model, heads, probe).items()})
+            model.train()
+        elif evaluate:
             model.eval()
             row.update({f"val_{k}": round(v, 4) for k, v in accuracy(model, val).items()})
             if dev.type == "cpu":  # checkpoint: a stopped run still leaves a loadable model
@@ -396,19 +478,20 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         _write_log(out_dir / "train_log.csv", log)
         bar.set_postfix(stage=stage, loss=f"{loss:.3f}", val=row.get("val_overall", ""))
 
-    def run(stage, params, lr, n, loss_fn, phases):
+    def run(stage, params, lr, n, loss_fn, phases, batch_size, turns):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
         step, seen, ema, last_eval, last_log = 0, 0, None, 0, 0
         budget = None if time_budget is None else time_budget * n / total
         ts = time.time()
         for k, (frac, name) in enumerate(phases):
             m = int(round(n * frac)) - seen
-            for pv, dense, present, ids, mask in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k,
-                                                         recipe.batch_size, workers):
-                pv, dense, present, ids, mask = (t.to(dev, non_blocking=True) for t in (pv, dense, present, ids, mask))
+            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, turns):
+                pv, dense, present, ids, mask, labels = (t.to(dev, non_blocking=True) for t in batch)
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
-                loss = loss_fn(pv, dense, present, ids, mask)
+                frac = seen / max(n, 1)
+                n_keep = next((k for f, k in recipe.image_tokens if frac < f), None) if stage == 2 else None
+                loss = loss_fn(pv, dense, present, ids, mask, labels, n_keep)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -418,31 +501,44 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                 ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
                 if seen - last_log >= recipe.log_every:
                     last_log = seen
-                    do_eval = stage == 2 and seen - last_eval >= recipe.eval_every
+                    do_eval = seen - last_eval >= recipe.eval_every
                     last_eval = seen if do_eval else last_eval
                     record(stage, seen, ema, evaluate=do_eval)
                 if budget is not None and time.time() - ts > budget:
                     break
             if budget is not None and time.time() - ts > budget:
                 break
-        record(stage, seen, ema, evaluate=stage == 2)
+        record(stage, seen, ema, evaluate=True)
 
     # Stage 1: vision tower alone, dense per-patch + CLS targets.
     tower = model.model.vision_tower
     p1 = list(tower.parameters()) + list(heads.parameters())
     groups = [dict(params=p1, initial_lr=recipe.stage1_lr)]
     model.train()
-    run(1, groups, recipe.stage1_lr, recipe.stage1_samples,
-        lambda pv, d, pr, ids, m: _stage1_loss(model, heads, pv, d, pr), ((1.0, "full"),))
+    if stage1_from is not None:  # reuse the tower of an earlier run's stage 1 (same recipe and seed)
+        from transformers import LlavaForConditionalGeneration
+
+        tower.load_state_dict(LlavaForConditionalGeneration.from_pretrained(str(stage1_from)).model.vision_tower.state_dict())
+        prev = Path(stage1_from) / "train_log.csv"
+        if prev.exists():
+            with open(prev) as f:
+                log.extend(r for r in csv.DictReader(f) if r["stage"] == "1")
+        total -= recipe.stage1_samples
+    else:
+        run(1, groups, recipe.stage1_lr, recipe.stage1_samples,
+            lambda pv, d, pr, ids, m, lab, k: _stage1_loss(model, heads, pv, d, pr), ((1.0, "full"),),
+            recipe.stage1_batch_size, 1)
 
     # Stage 2: LLaVA alignment; tower frozen (or at a small lr).
+    gen = torch.Generator().manual_seed(seed + 2)  # background patches kept while token dropping
     tower.requires_grad_(recipe.stage2_tower_lr > 0)
     rest = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
     groups = [dict(params=rest, initial_lr=recipe.stage2_lr)]
     if recipe.stage2_tower_lr > 0:
         groups.append(dict(params=list(tower.parameters()), initial_lr=recipe.stage2_tower_lr))
     run(2, groups, recipe.stage2_lr, recipe.stage2_samples,
-        lambda pv, d, pr, ids, m: _stage2_loss(model, pv, ids, m, recipe.stage2_tower_lr > 0), recipe.curriculum)
+        lambda pv, d, pr, ids, m, lab, k: _stage2_loss(model, pv, ids, m, lab, recipe.stage2_tower_lr > 0, d, k, gen),
+        recipe.curriculum, recipe.batch_size, recipe.turns)
     bar.close()
     tower.requires_grad_(True)
 
@@ -454,3 +550,31 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                 seconds=round(time.time() - t0, 1), torch=torch.__version__, final_val=log[-1])
     (out_dir / "recipe.json").write_text(json.dumps(info, indent=1, default=str))
     return {k[4:]: v for k, v in log[-1].items() if k.startswith("val_")}
+
+
+def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int = 0,
+                  budgets=(None, 64, 16), write: bool = True) -> dict:
+    """Test-split accuracy of the model at ``path`` (greedy first token, fast path) at full 576
+    tokens and with K random tokens per ``budgets``, plus ``slice200``: the first 200 test
+    questions through the processor + HF forward (what tests/test_tiny.py checks). Writes
+    ``eval.json`` next to the weights when ``write``."""
+    model, proc = load_tiny(path, "cpu")
+    ds = S.ShapesVQA("test", n=n_test, seed=seed)
+    items = [ds[i] for i in range(len(ds))]
+    out = {"test_n": n_test, "seed": seed, "method": "greedy first token (argmax of the next-token logits)"}
+    for b in budgets:
+        out["576" if b is None else f"random{b}"] = accuracy(model, items, budget=b, seed=seed)
+    pred = []
+    with torch.no_grad():
+        for b in range(0, 200, 50):
+            batch = items[b:b + 50]
+            inp = proc(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
+                       return_tensors="pt", padding=True)
+            pred += proc.batch_decode(model(**inp, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None])
+    ok = np.array([p == s["answer"] for p, s in zip(pred, items[:200])])
+    qt = np.array([s["qtype"] for s in items[:200]])
+    out["slice200"] = {q: float(ok[qt == q].mean()) for q in S.QTYPES} | {"overall": float(ok.mean())}
+    out["chance"] = S.chance_accuracy()
+    if write:
+        (Path(path) / "eval.json").write_text(json.dumps(out, indent=1))
+    return out

@@ -120,7 +120,8 @@ def test_collect_scores_agree_with_the_patched_model(tiny_pair, shapes3):
 def test_attention_shares_sum_to_one(tiny_pair, shapes3):
     model, proc = tiny_pair
     df = bias.attention_shares(model, proc, shapes3[:2], max_new_tokens=3)
-    assert set(df["segment"]) == set(bias.SEGMENTS) and set(df["layer"]) == {0, 1}
+    assert set(df["segment"]) == set(bias.SEGMENTS)
+    assert set(df["layer"]) == set(range(len(model.model.language_model.layers)))
     sums = df.groupby(["sample", "layer"])["share"].sum()
     np.testing.assert_allclose(sums.to_numpy(), 1.0, rtol=1e-5)
     assert (df.loc[df["segment"] == "image", "n_tokens"] == 576).all()

@@ -59,7 +59,7 @@ def test_mask_covers_answer_object_patches(test_slice):
         assert np.array_equal(s["mask"], touched)
         # the answer object's pixels really are drawn in its colour (not hidden by another object)
         for k in region:
-            assert (idmap == k).sum() > 50
+            assert (idmap == k).sum() > 30
 
 
 def test_answers_consistent_with_scene(test_slice):
@@ -122,3 +122,56 @@ def test_collate():
     batch = S.collate([ds[i] for i in range(4)])
     assert isinstance(batch["mask"], torch.Tensor) and batch["mask"].shape == (4, 24, 24)
     assert len(batch["question"]) == 4
+
+
+def test_aligned_layout_one_object_per_cell(test_slice):
+    for s in test_slice:
+        used = []
+        for k, o in enumerate(s["objects"]):
+            cells = np.argwhere(s["coverage"][k] > 0)
+            if o["kind"] == "object":  # one cell, never a neighbour of another object's cells
+                assert len(cells) == 1
+            else:  # the card: 3x3 cells, the digit's dark pixels all inside the centre patch
+                assert len(cells) == 9
+                (r, c), img = cells.mean(0).astype(int), np.asarray(s["image"]).min(-1)
+                x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
+                ink = np.argwhere(img[y0 + 1:y1 - 2, x0 + 1:x1 - 2] < 80) + (y0 + 1, x0 + 1)
+                assert len(ink) > 10 and set(map(tuple, ink // S.PATCH)) == {(r, c)}
+            for cell in cells:
+                assert all(np.abs(cell - u).max() >= 2 for u in used)
+            used += list(cells)
+
+
+def test_free_layout_and_config_errors():
+    ds = S.ShapesVQA("val", n=12, seed=1, align=False, min_size=20, max_size=40)
+    spans = [(s["coverage"][k] > 0).sum() for s in (ds[i] for i in range(12))
+             for k, o in enumerate(s["objects"]) if o["kind"] == "object"]
+    assert max(spans) > 1  # freely placed 20-40 px objects span several patches
+    with pytest.raises(ValueError, match="max_size"):
+        S.SceneConfig(max_size=14)
+    with pytest.raises(ValueError, match="min_objects"):
+        S.SceneConfig(min_objects=5, max_objects=3)
+    with pytest.raises(ValueError, match="unknown question types"):
+        S.SceneConfig(qtypes=("colour",))
+
+
+def test_scene_questions_contain_the_sample_question_and_agree_with_it(test_slice):
+    for s in test_slice:
+        qs = S.scene_questions(s["objects"])
+        assert (s["question"], s["answer"]) in qs[s["qtype"]]
+        # every listed question has one answer, of its type
+        for qt, pairs in qs.items():
+            assert len({q for q, _ in pairs}) == len(pairs)
+            assert all(a in S.ANSWERS[qt] for _, a in pairs)
+        assert len(qs["exist"]) == len(S.SHAPES) * len(S.COLORS) and len(qs["digit"]) == 1
+
+
+def test_extra_turns_deterministic_distinct_and_valid(test_slice):
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    for s in test_slice[:12]:
+        a, b = S.extra_turns(s, rng(), 5), S.extra_turns(s, rng(), 5)
+        assert a == b and 1 <= len(a) <= 5
+        assert s["question"] not in [q for q, _ in a] and len({q for q, _ in a}) == len(a)
+        valid = {qa for pairs in S.scene_questions(s["objects"]).values() for qa in pairs}
+        assert set(a) <= valid
+        assert len(S.extra_turns(s, rng(), 2)) <= 2

@@ -1,5 +1,5 @@
-"""The embedded tiny LLaVA: offline tokenizer/processor, fast paths equal to the HF path, and a smoke
-run of the training recipe. (The shipped model's accuracy test lands with the model itself.)"""
+"""The embedded tiny LLaVA: offline tokenizer/processor, fast paths equal to the HF path, a smoke run of
+the training recipe, and training-time token dropping. (The shipped model: tests/test_tiny_shipped.py.)"""
 import json
 
 import pytest
@@ -7,7 +7,6 @@ import torch
 
 from svdprune_utils import shapes as S
 from svdprune_utils import tiny as T
-
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +49,31 @@ def test_fast_path_equals_hf_path(small_model, items):
         [inv[int(i)] for i in ref.argmax(-1)]
 
 
+def test_token_dropping_keeps_objects_and_full_sequence_positions(small_model):
+    m = small_model
+    enc = T._Encoded(S.ShapesVQA("train", n=4, seed=0, balanced=False), turns=3)
+    pv, dense, present, ids, mask, labels = T._collate([enc[i] for i in range(4)])
+    img_id = m.config.image_token_id
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ids2, mask2, lab2, pos, kept = T._thin_image_tokens(ids, mask, labels, dense, img_id, 128, gen())
+    assert kept.shape == (4, 128) and ((ids2 == img_id).sum(1) == 128).all()
+    assert torch.equal(lab2[lab2 != -100], labels[labels != -100])  # every answer token survives
+    for i in range(4):
+        objects = set((dense[i, 1] < len(S.SHAPES) + 1).nonzero().flatten().tolist())
+        assert objects <= set(kept[i].tolist())
+        real = mask2[i].bool()
+        first = int((ids[i] == img_id).nonzero()[0])  # where patch 0 sits in the full prompt
+        assert torch.equal(pos[i][ids2[i] == img_id], first - int((~mask[i].bool()).sum()) + kept[i])
+        assert torch.equal(pos[i][real][-1], (mask[i].sum() - 1))  # the last token keeps its full position
+    with torch.no_grad():  # all 576 kept: the same loss as the plain forward (RoPE is relative)
+        full = T._stage2_loss(m, pv, ids, mask, labels, False)
+        ids3, mask3, lab3, pos3, kept3 = T._thin_image_tokens(ids, mask, labels, dense, img_id, 576, gen())
+        feats = m.model.multi_modal_projector(T.vision_features(m, pv)[:, 1:])
+        same = m(inputs_embeds=T.embed_inputs(m, ids3, feats), attention_mask=mask3, position_ids=pos3,
+                 labels=lab3).loss
+    assert torch.allclose(full, same, atol=1e-5)
+
+
 def test_build_is_seeded_without_global_rng():
     torch.manual_seed(5)
     before = torch.rand(1)
@@ -68,7 +92,24 @@ def test_train_tiny_smoke(tmp_path):
     res = T.train_tiny(tmp_path, seed=0, device="cpu", sizes=sizes, stage1_samples=16, stage2_samples=16,
                        batch_size=8, eval_n=6, log_every=8, eval_every=8, progress=False)
     assert 0.0 <= res["overall"] <= 1.0
-    assert (tmp_path / "train_log.csv").read_text().startswith("stage,samples,seconds,loss")
+    log = (tmp_path / "train_log.csv").read_text()
+    assert log.startswith("stage,samples,seconds,loss") and "patch_shape" in log and "val_overall" in log
     assert json.loads((tmp_path / "recipe.json").read_text())["seed"] == 0
     LlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert AutoProcessor.from_pretrained(tmp_path).tokenizer("yes").input_ids[-1] == T.vocab()["yes"]
+
+
+def test_encode_turns(items):
+    s = items[0]
+    one = T.encode_turns([[(s["question"], s["answer"])]])
+    ids, mask = T.encode_ids([s["question"]], [s["answer"]])
+    assert torch.equal(one[0], ids) and torch.equal(one[1], mask)
+    v = T.vocab()
+    ids, mask, labels = T.encode_turns([[("what digit is on the card ?", "3"), ("is there a red circle ?", "no")],
+                                        [("what digit is on the card ?", "1")]])
+    assert int((ids[0] == v["<image>"]).sum()) == 576 and int((ids[0] == v["USER:"]).sum()) == 2
+    assert labels[0][labels[0] != -100].tolist() == [v["3"], v["</s>"], v["no"], v["</s>"]]
+    assert labels[1][labels[1] != -100].tolist() == [v["1"], v["</s>"]]
+    assert mask[1].sum() < mask[0].sum() and mask[1, 0] == 0  # left padding
+    with pytest.raises(ValueError, match="at least one"):
+        T.encode_turns([[]])
