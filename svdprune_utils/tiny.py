@@ -18,6 +18,7 @@ Recipe (``train_tiny``), after FACTS.md "Training the embedded tiny LLaVA":
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -99,9 +100,9 @@ class TinySizes:
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_heads: int = 4
-    text_hidden: int = 128  # 4 heads of 32: enough rotary pairs slow enough to match content 576 tokens apart
+    text_hidden: int = 128
     text_layers: int = 3  # FastV's default K = 2 then has a layer after it
-    text_heads: int = 4
+    text_heads: int = 2  # head dim 64: 8 rotary pairs turn < 0.6 rad over 576 tokens (content matching)
 
 
 def build_config(sizes: TinySizes = TinySizes()):
@@ -174,12 +175,21 @@ def encode_ids(questions, answers=None, n_image: int = S.GRID ** 2) -> tuple[tor
     return ids, mask
 
 
-def encode_turns(dialogues, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+_KEY_WORDS = set(S.SHAPES) | set(S.COLORS) | set(S.PLURALS.values()) | {"card"}
+
+
+def encode_turns(dialogues, n_image: int = S.GRID ** 2,
+                 aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask, labels) of multi-turn dialogues about one image
     each: ``dialogues[i]`` is a list of (question, answer); the first turn is the LLaVA prompt
     "USER: <image>\\n{q} ASSISTANT: {a} </s>", later turns "USER: {q} ASSISTANT: {a} </s>" (the
     LLaVA-1.5 conversation format). ``labels`` is -100 except on each answer word and its </s>.
-    A one-turn dialogue gives exactly ``encode_ids([q], [a])``."""
+    A one-turn dialogue gives exactly ``encode_ids([q], [a])``.
+
+    ``aux=True`` (training only) also labels the answer at the question's last key word (shape,
+    colour, plural or "card"): the model learns to read the answer off the image from the word that
+    names what to look for, a one-step lookup, before it learns to route it to the answer position.
+    Generation never reads those positions."""
     v = vocab()
     seqs, labs = [], []
     for turns in dialogues:
@@ -188,9 +198,15 @@ def encode_turns(dialogues, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, t
         ids, lab = [v["<s>"]], [-100]
         for t, (q, a) in enumerate(turns):
             head = [v["USER:"]] + ([v["<image>"]] * n_image if t == 0 else [])
-            head += [v[w] for w in q.split()] + [v["ASSISTANT:"]]
+            words = q.split()
+            head += [v[w] for w in words] + [v["ASSISTANT:"]]
+            hl = [-100] * len(head)
+            if aux:
+                key = [j for j, w in enumerate(words) if w in _KEY_WORDS]
+                if key:  # the label after the key word = what its position must predict
+                    hl[len(head) - len(words) - 1 + key[-1] + 1] = v[a]
             ids += head + [v[a], v["</s>"]]
-            lab += [-100] * len(head) + [v[a], v["</s>"]]
+            lab += hl + [v[a], v["</s>"]]
         seqs.append(ids)
         labs.append(lab)
     n = max(map(len, seqs))
@@ -277,6 +293,7 @@ class Recipe:
     stage2_samples: int = 40_000  # images; each carries ``turns`` question turns
     stage1_batch_size: int = 16
     batch_size: int = 8  # stage 2: many small steps (the LM's retrieval circuit needs steps, not samples)
+    key_word_labels: bool = True  # stage 2: also predict the answer at the question's key word (encode_turns aux)
     turns: int = 10  # question turns per image in stage 2 (LLaVA-style multi-turn conversations)
     stage1_lr: float = 3e-3
     stage2_lr: float = 2e-3
@@ -336,9 +353,9 @@ class _Encoded(torch.utils.data.Dataset):
         return pv, torch.as_tensor(dense), torch.as_tensor(present), turns
 
 
-def _collate(batch):
+def _collate(batch, aux=False):
     pv, dense, present, turns = zip(*batch)
-    ids, mask, labels = encode_turns(turns)
+    ids, mask, labels = encode_turns(turns, aux=aux)
     return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask, labels
 
 
@@ -417,9 +434,10 @@ def _stage2_loss(model, pv, ids, mask, labels, train_tower, dense=None, n_keep=N
     return model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, labels=labels).loss
 
 
-def _loader(cfg, n, seed, batch_size, workers, turns=1):
+def _loader(cfg, n, seed, batch_size, workers, turns=1, aux=False):
     ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False), turns)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
+    collate = functools.partial(_collate, aux=aux)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
@@ -485,7 +503,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         ts = time.time()
         for k, (frac, name) in enumerate(phases):
             m = int(round(n * frac)) - seen
-            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, turns):
+            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, turns,
+                                 aux=stage == 2 and recipe.key_word_labels):
                 pv, dense, present, ids, mask, labels = (t.to(dev, non_blocking=True) for t in batch)
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
@@ -524,6 +543,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
             with open(prev) as f:
                 log.extend(r for r in csv.DictReader(f) if r["stage"] == "1")
         total -= recipe.stage1_samples
+        bar.total = total
     else:
         run(1, groups, recipe.stage1_lr, recipe.stage1_samples,
             lambda pv, d, pr, ids, m, lab, k: _stage1_loss(model, heads, pv, d, pr), ((1.0, "full"),),

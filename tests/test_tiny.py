@@ -113,3 +113,11 @@ def test_encode_turns(items):
     assert mask[1].sum() < mask[0].sum() and mask[1, 0] == 0  # left padding
     with pytest.raises(ValueError, match="at least one"):
         T.encode_turns([[]])
+    # aux: the answer is also the target of the question's last key word (label on the next token)
+    turns = [[("what color is the circle ?", "red"), ("what digit is on the card ?", "3")]]
+    ids2, mask2, lab2 = T.encode_turns(turns, aux=True)
+    assert torch.equal(ids2, T.encode_turns(turns)[0])
+    inv = {i: w for w, i in v.items()}
+    pairs = [(inv[int(ids2[0, t])], inv[int(lab2[0, t + 1])]) for t in range(ids2.shape[1] - 1) if lab2[0, t + 1] >= 0]
+    assert pairs == [("circle", "red"), ("ASSISTANT:", "red"), ("red", "</s>"), ("card", "3"), ("ASSISTANT:", "3"),
+                     ("3", "</s>")]
