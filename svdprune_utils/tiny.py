@@ -11,9 +11,16 @@ Recipe (``train_tiny``), after FACTS.md "Training the embedded tiny LLaVA":
    targets read at ``vision_feature_layer`` (-2; colour, shape, card digit and object-centre of the
    object covering the patch, and the patch's quadrant) and a multi-label CLS head (which
    colour–shape pairs are present) on the CLS token at layer -2 and on the pooled last layer.
-2. *LLaVA-style alignment*: tower frozen, projector + language model trained on ShapesVQA with the
-   answer (and end-of-sequence) tokens as targets; constant lr after warmup; a curriculum from few,
-   large objects to the full cluttered scenes.
+2. *LLaVA-style alignment*: tower frozen, projector + language model trained on ShapesVQA as
+   multi-turn conversations (``Recipe.turns`` questions per image, ``shapes.extra_turns``) with the
+   answer (and end-of-sequence) tokens as targets, plus the answer at the question's key word
+   (``encode_turns(aux=True)``); constant lr after warmup; a curriculum from one object per scene to
+   the full cluttered scenes; training-time token dropping (``Recipe.image_tokens``: every object
+   patch + random background patches, at their full-sequence positions) before the last phase on all
+   576 tokens.
+
+Status: stage 1 reaches ≥ 0.92 per-patch accuracy on every attribute; stage 2 has not yet left the
+answer prior for the word-conditioned question types (data/README.md has the measurements).
 """
 from __future__ import annotations
 
@@ -133,6 +140,10 @@ def build_model(sizes: TinySizes = TinySizes(), seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(build_config(sizes))
+        # Word embeddings at unit scale: with HF's 0.02 init a word's identity is ~0.2 in norm, swamped
+        # by what the first layer adds from 576 image tokens (projected features have norm ~20), so
+        # later layers cannot tell which object the question names (a pretrained LLM has O(1) embeddings).
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.eos_token_id = model.config.eos_token_id
     return model
@@ -300,16 +311,18 @@ class Recipe:
     stage2_tower_lr: float = 0.0  # 0: tower frozen in stage 2
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    curriculum: tuple = ((0.2, "easy"), (0.45, "medium"), (1.0, "full"))  # (until fraction, stage)
+    curriculum: tuple = ((0.15, "one"), (0.3, "two"), (0.5, "medium"), (1.0, "full"))  # (until fraction, stage)
     # stage 2 token dropping, (until fraction, image tokens kept): every object/card patch plus random
     # background patches, at their full-sequence positions; None = all 576 (see _thin_image_tokens)
-    image_tokens: tuple = ((0.75, 128), (1.0, None))
+    image_tokens: tuple = ((0.4, 32), (0.75, 128), (1.0, None))
     log_every: int = 1_000  # samples between loss rows in train_log.csv
     eval_every: int = 4_000  # samples between validation rows (stage 2)
     eval_n: int = 180  # validation questions (balanced over the types)
 
 
-CURRICULUM = {"easy": S.EASY,
+CURRICULUM = {"one": S.SceneConfig(min_objects=1, max_objects=1, clutter=0.3),  # read attributes, no lookup yet
+              "two": S.SceneConfig(min_objects=2, max_objects=2, clutter=0.6),
+              "easy": S.EASY,
               "medium": S.SceneConfig(min_objects=2, max_objects=5, clutter=0.6),
               "full": S.SceneConfig()}
 
