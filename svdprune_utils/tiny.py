@@ -473,6 +473,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     model + processor + ``train_log.csv`` + ``recipe.json`` to ``out_dir``.
 
     ``time_budget`` (seconds, optional) stops each stage early in proportion to its sample share.
+    ``stage1_from`` (a directory this function wrote earlier with the same recipe sizes) skips stage 1:
+    its vision tower and its stage-1 log rows are reused (stage 1 is deterministic for a given seed).
     Returns the final validation accuracy dict. Deterministic for a given (seed, device, workers=any).
     """
     from tqdm.auto import tqdm
@@ -583,31 +585,3 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                 seconds=round(time.time() - t0, 1), torch=torch.__version__, final_val=log[-1])
     (out_dir / "recipe.json").write_text(json.dumps(info, indent=1, default=str))
     return {k[4:]: v for k, v in log[-1].items() if k.startswith("val_")}
-
-
-def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int = 0,
-                  budgets=(None, 64, 16), write: bool = True) -> dict:
-    """Test-split accuracy of the model at ``path`` (greedy first token, fast path) at full 576
-    tokens and with K random tokens per ``budgets``, plus ``slice200``: the first 200 test
-    questions through the processor + HF forward (what tests/test_tiny.py checks). Writes
-    ``eval.json`` next to the weights when ``write``."""
-    model, proc = load_tiny(path, "cpu")
-    ds = S.ShapesVQA("test", n=n_test, seed=seed)
-    items = [ds[i] for i in range(len(ds))]
-    out = {"test_n": n_test, "seed": seed, "method": "greedy first token (argmax of the next-token logits)"}
-    for b in budgets:
-        out["576" if b is None else f"random{b}"] = accuracy(model, items, budget=b, seed=seed)
-    pred = []
-    with torch.no_grad():
-        for b in range(0, 200, 50):
-            batch = items[b:b + 50]
-            inp = proc(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
-                       return_tensors="pt", padding=True)
-            pred += proc.batch_decode(model(**inp, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None])
-    ok = np.array([p == s["answer"] for p, s in zip(pred, items[:200])])
-    qt = np.array([s["qtype"] for s in items[:200]])
-    out["slice200"] = {q: float(ok[qt == q].mean()) for q in S.QTYPES} | {"overall": float(ok.mean())}
-    out["chance"] = S.chance_accuracy()
-    if write:
-        (Path(path) / "eval.json").write_text(json.dumps(out, indent=1))
-    return out

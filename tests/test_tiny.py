@@ -95,8 +95,16 @@ def test_train_tiny_smoke(tmp_path):
     log = (tmp_path / "train_log.csv").read_text()
     assert log.startswith("stage,samples,seconds,loss") and "patch_shape" in log and "val_overall" in log
     assert json.loads((tmp_path / "recipe.json").read_text())["seed"] == 0
-    LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    first = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert AutoProcessor.from_pretrained(tmp_path).tokenizer("yes").input_ids[-1] == T.vocab()["yes"]
+    # stage1_from: stage 2 only, on the earlier run's tower (and its stage-1 log rows)
+    T.train_tiny(tmp_path / "again", seed=0, device="cpu", sizes=sizes, stage1_samples=16, stage2_samples=8,
+                 batch_size=8, eval_n=6, log_every=8, eval_every=8, progress=False, stage1_from=tmp_path)
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "again")
+    tower = lambda m: m.model.vision_tower.state_dict()  # noqa: E731
+    assert all(torch.equal(v, tower(again)[k]) for k, v in tower(first).items())
+    rows = (tmp_path / "again" / "train_log.csv").read_text().splitlines()
+    assert rows[1].startswith("1,") and rows[-1].startswith("2,")
 
 
 def test_encode_turns(items):
