@@ -364,23 +364,28 @@ def _try_sample(rng, cfg, qtype):
     else:
         region = [i for i, o in enumerate(objects) if o["target"]]
     mask = (cov[region] > 0).any(0) if region else np.zeros((GRID, GRID), bool)
-    if qtype == "quadrant":  # the answer is read off the drawn pixels, not the sampled centre
-        ys, xs = np.nonzero(idmap == region[0])
-        m = IMAGE_SIZE / 2
-        got = ("top" if ys.max() < m else "bottom" if ys.min() >= m else None,
-               "left" if xs.max() < m else "right" if xs.min() >= m else None)
-        if None in got or f"{got[0]}-{got[1]}" != answer:
-            return None
+    if qtype == "quadrant" and _quadrant_of(idmap, region[0]) != answer:  # read off the drawn pixels
+        return None
     return dict(image=image, question=q, answer=answer, qtype=qtype, mask=mask, objects=objects,
                 coverage=cov, idmap=idmap)
 
 
-def scene_questions(objects: list[dict]) -> dict[str, list[tuple[str, str]]]:
+def _quadrant_of(idmap: np.ndarray, k: int) -> str | None:
+    """The quadrant holding every drawn pixel of object ``k`` ("top-left", ...), None when it straddles a midline."""
+    ys, xs = np.nonzero(idmap == k)
+    m = IMAGE_SIZE / 2
+    v = "top" if ys.max() < m else "bottom" if ys.min() >= m else None
+    h = "left" if xs.max() < m else "right" if xs.min() >= m else None
+    return f"{v}-{h}" if v and h else None
+
+
+def scene_questions(objects: list[dict], idmap: np.ndarray) -> dict[str, list[tuple[str, str]]]:
     """Every question with a well-defined answer on a scene, by type: ``{qtype: [(question,
     answer), ...]}`` from the ``objects`` of a sample (the rules of ``make_sample``: a colour/shape
     question needs a unique object of that shape/colour, a quadrant question a unique colour-shape
     pair, a count question 1-3 objects of the shape; every colour-shape pair gets an existence
-    question, answered yes or no). Used to train on several question turns per image."""
+    question, answered yes or no; quadrants are read off the drawn pixels in ``idmap``, as in
+    ``make_sample``). Used to train on several question turns per image."""
     objs = [o for o in objects if o["kind"] == "object"]
     out: dict[str, list[tuple[str, str]]] = {q: [] for q in QTYPES}
     for shape in SHAPES:
@@ -397,12 +402,9 @@ def scene_questions(objects: list[dict]) -> dict[str, list[tuple[str, str]]]:
         for color in COLORS:
             of = [o for o in objs if o["shape"] == shape and o["color"] == color]
             out["exist"].append((TEMPLATES["exist"].format(color=color, shape=shape), "yes" if of else "no"))
-            if len(of) == 1:
-                x0, y0, x1, y1 = of[0]["box"]
-                v = "top" if y1 <= IMAGE_SIZE / 2 else "bottom" if y0 >= IMAGE_SIZE / 2 else None
-                h = "left" if x1 <= IMAGE_SIZE / 2 else "right" if x0 >= IMAGE_SIZE / 2 else None
-                if v and h:
-                    out["quadrant"].append((TEMPLATES["quadrant"].format(color=color, shape=shape), f"{v}-{h}"))
+            quad = _quadrant_of(idmap, next(k for k, o in enumerate(objects) if o is of[0])) if len(of) == 1 else None
+            if quad:
+                out["quadrant"].append((TEMPLATES["quadrant"].format(color=color, shape=shape), quad))
     out["digit"] = [(TEMPLATES["digit"], o["digit"]) for o in objects if o["kind"] == "card"]
     return out
 
@@ -412,7 +414,7 @@ def extra_turns(sample: dict, rng: np.random.Generator, n: int) -> list[tuple[st
     over the question types in random order, one new question of each type per round (existence:
     yes or no with equal probability when both are left), never repeating a question (nor the
     sample's own)."""
-    qs = scene_questions(sample["objects"])
+    qs = scene_questions(sample["objects"], sample["idmap"])
     asked, turns = {sample["question"]}, []
     while len(turns) < n:
         added = False

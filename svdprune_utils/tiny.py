@@ -167,23 +167,27 @@ def pixel_values(images) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
+def _prompt_head(v: dict, question: str, n_image: int | None) -> list[int]:
+    """Ids of "USER: [<image> x n_image] {question} ASSISTANT:" (no image run when ``n_image`` is None)."""
+    return [v["USER:"]] + [v["<image>"]] * (n_image or 0) + [v[w] for w in question.split()] + [v["ASSISTANT:"]]
+
+
+def _left_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """(B, L) long tensor of the id lists ``rows`` right-aligned, ``fill`` on their left (as the processor pads)."""
+    n = max(map(len, rows))
+    out = torch.full((len(rows), n), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def encode_ids(questions, answers=None, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) of the prompts (+ " answer </s>" when given), the
     same ids the processor gives; ``n_image`` image placeholders (576 by default)."""
     v = vocab()
-    seqs = []
-    for i, q in enumerate(questions):
-        ids = [v["<s>"], v["USER:"]] + [v["<image>"]] * n_image + [v[w] for w in q.split()] + [v["ASSISTANT:"]]
-        if answers is not None:
-            ids += [v[answers[i]], v["</s>"]]
-        seqs.append(ids)
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), v["<pad>"], dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
-    return ids, mask
+    seqs = [[v["<s>"]] + _prompt_head(v, q, n_image) + ([] if answers is None else [v[answers[i]], v["</s>"]])
+            for i, q in enumerate(questions)]
+    return _left_pad(seqs, v["<pad>"]), _left_pad([[1] * len(r) for r in seqs], 0)
 
 
 _KEY_WORDS = set(S.SHAPES) | set(S.COLORS) | set(S.PLURALS.values()) | {"card"}
@@ -208,26 +212,18 @@ def encode_turns(dialogues, n_image: int = S.GRID ** 2,
             raise ValueError("every dialogue needs at least one (question, answer) turn")
         ids, lab = [v["<s>"]], [-100]
         for t, (q, a) in enumerate(turns):
-            head = [v["USER:"]] + ([v["<image>"]] * n_image if t == 0 else [])
-            words = q.split()
-            head += [v[w] for w in words] + [v["ASSISTANT:"]]
+            head = _prompt_head(v, q, n_image if t == 0 else None)
             hl = [-100] * len(head)
             if aux:
+                words = q.split()
                 key = [j for j, w in enumerate(words) if w in _KEY_WORDS]
                 if key:  # the label after the key word = what its position must predict
-                    hl[len(head) - len(words) - 1 + key[-1] + 1] = v[a]
+                    hl[len(head) - len(words) + key[-1]] = v[a]
             ids += head + [v[a], v["</s>"]]
             lab += hl + [v[a], v["</s>"]]
         seqs.append(ids)
         labs.append(lab)
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), v["<pad>"], dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    labels = torch.full((len(seqs), n), -100, dtype=torch.long)
-    for i, (s_, l_) in enumerate(zip(seqs, labs)):
-        ids[i, n - len(s_):], labels[i, n - len(s_):] = torch.tensor(s_), torch.tensor(l_)
-        mask[i, n - len(s_):] = 1
-    return ids, mask, labels
+    return _left_pad(seqs, v["<pad>"]), _left_pad([[1] * len(r) for r in seqs], 0), _left_pad(labs, -100)
 
 
 def vision_features(model, pv: torch.Tensor) -> torch.Tensor:
@@ -386,14 +382,18 @@ def _quadrant_targets(device):
     return ((r[:, None] >= S.GRID // 2) * 2 + (r[None, :] >= S.GRID // 2)).reshape(-1)
 
 
+def _covered(dense: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: patches a coloured object or the card covers (the shape target is not "background")."""
+    return dense[:, 1] < len(S.SHAPES) + 1
+
+
 def _stage1_loss(model, heads, pv, dense, present):
     tower = model.model.vision_tower
     out = tower(pixel_values=pv, output_hidden_states=True)
     h = out.hidden_states[model.config.vision_feature_layer]
     logits = heads.dense(heads.norm(h[:, 1:])).split(heads.splits, dim=-1)
     targets = list(dense.unbind(1)) + [_quadrant_targets(pv.device).expand(len(pv), -1)]
-    obj = (dense[:, 1] < len(S.SHAPES) + 1).float()
-    w = 1.0 + 4.0 * obj  # object patches are rare; weight them up
+    w = 1.0 + 4.0 * _covered(dense).float()  # object patches are rare; weight them up
     loss = sum(((F.cross_entropy(lg.transpose(1, 2), t, reduction="none") * w).sum() / w.sum())
                for lg, t in zip(logits, targets))
     cls = heads.cls(heads.norm(h[:, 0])), heads.cls(out.pooler_output)
@@ -422,9 +422,8 @@ def _thin_image_tokens(ids, mask, labels, dense, image_token_id, n_keep, generat
     and give every kept token the position it has in the full sequence, so RoPE distances are those
     of a 576-token prompt. Returns (ids, mask, labels, position_ids, kept patch indices (B, n_keep))."""
     B, N = dense.shape[0], dense.shape[-1]
-    on_object = (dense[:, 1] < len(S.SHAPES) + 1).float()  # coloured objects and the card
     noise = torch.rand(B, N, generator=generator).to(dense.device)
-    kept = (noise + 2.0 * on_object).topk(n_keep, dim=1).indices.sort(dim=1).values
+    kept = (noise + 2.0 * _covered(dense).float()).topk(n_keep, dim=1).indices.sort(dim=1).values
     is_img = ids == image_token_id
     keep_img = torch.zeros(B, N, dtype=torch.bool, device=ids.device).scatter_(1, kept, True)
     keep = ~is_img
@@ -493,7 +492,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     log, t0, total = [], time.time(), recipe.stage1_samples + recipe.stage2_samples
     bar = tqdm(total=total, unit="sample", disable=not progress, smoothing=0.05)
 
-    probe = _collate([_Encoded(S.ShapesVQA("val", n=64, seed=seed, balanced=False))[i] for i in range(64)])
+    probe = None if stage1_from is not None else \
+        _collate([_Encoded(S.ShapesVQA("val", n=64, seed=seed, balanced=False))[i] for i in range(64)])
 
     def record(stage, seen, loss, evaluate):
         row = dict(stage=stage, samples=seen, seconds=round(time.time() - t0, 1), loss=round(loss, 4))
@@ -523,8 +523,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                 pv, dense, present, ids, mask, labels = (t.to(dev, non_blocking=True) for t in batch)
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
-                frac = seen / max(n, 1)
-                n_keep = next((k for f, k in recipe.image_tokens if frac < f), None) if stage == 2 else None
+                done = seen / max(n, 1)
+                n_keep = next((kk for until, kk in recipe.image_tokens if done < until), None) if stage == 2 else None
                 loss = loss_fn(pv, dense, present, ids, mask, labels, n_keep)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

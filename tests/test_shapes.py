@@ -157,13 +157,16 @@ def test_free_layout_and_config_errors():
 
 def test_scene_questions_contain_the_sample_question_and_agree_with_it(test_slice):
     for s in test_slice:
-        qs = S.scene_questions(s["objects"])
+        qs = S.scene_questions(s["objects"], s["idmap"])
         assert (s["question"], s["answer"]) in qs[s["qtype"]]
         # every listed question has one answer, of its type
         for qt, pairs in qs.items():
             assert len({q for q, _ in pairs}) == len(pairs)
             assert all(a in S.ANSWERS[qt] for _, a in pairs)
         assert len(qs["exist"]) == len(S.SHAPES) * len(S.COLORS) and len(qs["digit"]) == 1
+    free = S.ShapesVQA("test", n=24, seed=0, align=False, min_size=14, max_size=40)
+    for s in (free[i] for i in range(len(free))):  # the same answers for freely placed objects too
+        assert (s["question"], s["answer"]) in S.scene_questions(s["objects"], s["idmap"])[s["qtype"]]
 
 
 def test_extra_turns_deterministic_distinct_and_valid(test_slice):
@@ -172,6 +175,6 @@ def test_extra_turns_deterministic_distinct_and_valid(test_slice):
         a, b = S.extra_turns(s, rng(), 5), S.extra_turns(s, rng(), 5)
         assert a == b and 1 <= len(a) <= 5
         assert s["question"] not in [q for q, _ in a] and len({q for q, _ in a}) == len(a)
-        valid = {qa for pairs in S.scene_questions(s["objects"]).values() for qa in pairs}
+        valid = {qa for pairs in S.scene_questions(s["objects"], s["idmap"]).values() for qa in pairs}
         assert set(a) <= valid
         assert len(S.extra_turns(s, rng(), 2)) <= 2
