@@ -133,14 +133,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train_tiny(args: argparse.Namespace) -> int:
-    from .tiny import train_tiny
+    from .tiny import evaluate_tiny, train_tiny
 
     over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_samples=args.stage2_samples).items()
             if v is not None}
     res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
                      time_budget=args.time_budget, stage1_from=args.stage1_from, **over)
     print("validation accuracy:", {k: round(v, 3) for k, v in res.items()})
-    print(f"saved to {args.out} (log: train_log.csv, recipe: recipe.json)")
+    ev = evaluate_tiny(args.out, seed=args.seed)
+    print("test accuracy (576 tokens):", {k: round(v, 3) for k, v in ev["576"].items()})
+    print(f"saved to {args.out} (log: train_log.csv, recipe: recipe.json, test accuracy: eval.json)")
     return 0
 
 

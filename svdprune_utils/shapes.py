@@ -409,6 +409,32 @@ def scene_questions(objects: list[dict], idmap: np.ndarray) -> dict[str, list[tu
     return out
 
 
+def question_region(objects: list[dict], coverage: np.ndarray, question: str) -> np.ndarray:
+    """(24, 24) bool answer region of ``question`` (one of ``TEMPLATES``) on a scene: the patches of
+    the objects the question is about — the named object (colour, shape, quadrant, existence "yes"),
+    every object of the named shape (count), every coloured object when the named pair is absent
+    (existence "no"), the card (digit). For a sample's own question this is its ``mask``."""
+    w = question.split()
+    objs = [k for k, o in enumerate(objects) if o["kind"] == "object"]
+    has = lambda k, **kv: all(objects[k][a] == b for a, b in kv.items())  # noqa: E731
+    if question == TEMPLATES["digit"]:
+        idx = [k for k, o in enumerate(objects) if o["kind"] == "card"]
+    elif w[:2] == ["what", "color"]:
+        idx = [k for k in objs if has(k, shape=w[4])]
+    elif w[:2] == ["what", "shape"]:
+        idx = [k for k in objs if has(k, color=w[4])]
+    elif w[:2] == ["is", "there"]:
+        idx = [k for k in objs if has(k, color=w[3], shape=w[4])] or objs
+    elif w[:2] == ["how", "many"]:
+        single = {p: s for s, p in PLURALS.items()}
+        idx = [k for k in objs if has(k, shape=single.get(w[2]))]
+    elif w[:2] == ["where", "is"]:
+        idx = [k for k in objs if has(k, color=w[3], shape=w[4])]
+    else:
+        raise ValueError(f"not a ShapesVQA question: {question!r}")
+    return (coverage[idx] > 0).any(0) if idx else np.zeros((GRID, GRID), bool)
+
+
 def extra_turns(sample: dict, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     """Up to ``n`` more (question, answer) turns about ``sample``'s scene, drawn from ``rng``: rounds
     over the question types in random order, one new question of each type per round (existence:

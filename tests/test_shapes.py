@@ -178,3 +178,14 @@ def test_extra_turns_deterministic_distinct_and_valid(test_slice):
         valid = {qa for pairs in S.scene_questions(s["objects"], s["idmap"]).values() for qa in pairs}
         assert set(a) <= valid
         assert len(S.extra_turns(s, rng(), 2)) <= 2
+
+
+def test_question_region_is_the_mask_of_the_sample_question(test_slice):
+    for s in test_slice:  # every question type, exist yes and no
+        assert np.array_equal(S.question_region(s["objects"], s["coverage"], s["question"]), s["mask"]), s["question"]
+    s = test_slice[0]
+    for q, _ in S.extra_turns(s, np.random.default_rng(0), 8):  # regions of extra turns lie on objects
+        reg = S.question_region(s["objects"], s["coverage"], q)
+        assert reg.any() and (s["coverage"].max(0)[reg] > 0).all()
+    with pytest.raises(ValueError, match="not a ShapesVQA question"):
+        S.question_region(s["objects"], s["coverage"], "what is this ?")

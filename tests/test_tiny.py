@@ -2,6 +2,7 @@
 the training recipe, and training-time token dropping. (The shipped model: tests/test_tiny_shipped.py.)"""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,27 +52,57 @@ def test_fast_path_equals_hf_path(small_model, items):
 
 def test_token_dropping_keeps_objects_and_full_sequence_positions(small_model):
     m = small_model
-    enc = T._Encoded(S.ShapesVQA("train", n=4, seed=0, balanced=False), turns=3)
-    pv, dense, present, ids, mask, labels = T._collate([enc[i] for i in range(4)])
+    enc = T._Encoded(S.ShapesVQA("train", n=2, seed=0, balanced=False), questions=2)
+    pv, dense, present, ids, mask, labels, image, regions = T._collate([enc[i] for i in range(2)])
+    assert image.tolist() == [0, 0, 1, 1] and regions.shape == (4, 576) and ids.shape[0] == 4
+    rows = dense[image]
     img_id = m.config.image_token_id
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    ids2, mask2, lab2, pos, kept = T._thin_image_tokens(ids, mask, labels, dense, img_id, 128, gen())
+    ids2, mask2, lab2, pos, kept = T._thin_image_tokens(ids, mask, labels, rows, img_id, 128, gen())
     assert kept.shape == (4, 128) and ((ids2 == img_id).sum(1) == 128).all()
     assert torch.equal(lab2[lab2 != -100], labels[labels != -100])  # every answer token survives
     for i in range(4):
-        objects = set((dense[i, 1] < len(S.SHAPES) + 1).nonzero().flatten().tolist())
+        objects = set((rows[i, 1] < len(S.SHAPES) + 1).nonzero().flatten().tolist())
         assert objects <= set(kept[i].tolist())
         real = mask2[i].bool()
         first = int((ids[i] == img_id).nonzero()[0])  # where patch 0 sits in the full prompt
         assert torch.equal(pos[i][ids2[i] == img_id], first - int((~mask[i].bool()).sum()) + kept[i])
         assert torch.equal(pos[i][real][-1], (mask[i].sum() - 1))  # the last token keeps its full position
     with torch.no_grad():  # all 576 kept: the same loss as the plain forward (RoPE is relative)
-        full = T._stage2_loss(m, pv, ids, mask, labels, False)
-        ids3, mask3, lab3, pos3, kept3 = T._thin_image_tokens(ids, mask, labels, dense, img_id, 576, gen())
-        feats = m.model.multi_modal_projector(T.vision_features(m, pv)[:, 1:])
+        full = T._stage2_loss(m, pv, dense, ids, mask, labels, image, regions)
+        ids3, mask3, lab3, pos3, kept3 = T._thin_image_tokens(ids, mask, labels, rows, img_id, 576, gen())
+        feats = m.model.multi_modal_projector(T.vision_features(m, pv)[:, 1:])[image]
         same = m(inputs_embeds=T.embed_inputs(m, ids3, feats), attention_mask=mask3, position_ids=pos3,
                  labels=lab3).loss
     assert torch.allclose(full, same, atol=1e-5)
+
+
+def test_grounding_loss_rewards_attention_on_the_named_patches():
+    v = T.vocab()
+    ds = S.ShapesVQA("train", n=1, seed=0, qtypes=("color",))
+    sample = ds[0]
+    pv, dense, present, ids, mask, labels, image, regions = T._collate([T._Encoded(ds)[0]])
+    assert torch.equal(regions[0], torch.as_tensor(sample["mask"]).reshape(-1))
+    L, kept = ids.shape[1], torch.arange(576)[None]
+    img = (ids[0] == v["<image>"]).nonzero().squeeze(1)
+    shape = sample["question"].split()[4]  # "what color is the {shape} ?": its one key word
+    p = int((ids[0] == v[shape]).nonzero()[0])
+    named = img[dense[0, 1] == S.SHAPES.index(shape)]
+    region = img[regions[0]]
+
+    def focused(cols):  # uniform attention except query p (head 0), which looks only at cols
+        a = torch.full((1, 2, L, L), 1.0 / L)
+        a[0, 0, p] = 0.0
+        a[0, 0, p, cols] = 1.0 / len(cols)
+        return a
+
+    uniform = torch.full((1, 2, L, L), 1.0 / L)
+    loss = lambda a: float(T._grounding_loss(a, ids, dense, regions, kept, v["<image>"]))  # noqa: E731
+    # layer 0 is graded on the patches the word names, layer 1 on the question's answer region
+    assert loss((focused(named), focused(region))) < 1e-3 < loss((focused(named), uniform)) < loss((uniform, uniform))
+    expected = -(np.log(len(named) / L + 1e-4) + np.log(len(region) / L + 1e-4)) / 2
+    assert loss((uniform, uniform)) == pytest.approx(expected, rel=1e-5)
+    assert loss((uniform,)) == pytest.approx(-np.log(len(named) / L + 1e-4), rel=1e-5)  # one layer: layer 0 only
 
 
 def test_build_is_seeded_without_global_rng():
@@ -121,11 +152,3 @@ def test_encode_turns(items):
     assert mask[1].sum() < mask[0].sum() and mask[1, 0] == 0  # left padding
     with pytest.raises(ValueError, match="at least one"):
         T.encode_turns([[]])
-    # aux: the answer is also the target of the question's last key word (label on the next token)
-    turns = [[("what color is the circle ?", "red"), ("what digit is on the card ?", "3")]]
-    ids2, mask2, lab2 = T.encode_turns(turns, aux=True)
-    assert torch.equal(ids2, T.encode_turns(turns)[0])
-    inv = {i: w for w, i in v.items()}
-    pairs = [(inv[int(ids2[0, t])], inv[int(lab2[0, t + 1])]) for t in range(ids2.shape[1] - 1) if lab2[0, t + 1] >= 0]
-    assert pairs == [("circle", "red"), ("ASSISTANT:", "red"), ("red", "</s>"), ("card", "3"), ("ASSISTANT:", "3"),
-                     ("3", "</s>")]
