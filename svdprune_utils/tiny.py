@@ -13,8 +13,9 @@ Recipe (``train_tiny``), after FACTS.md "Training the embedded tiny LLaVA":
    colour–shape pairs are present) on the CLS token at layer -2 and on the pooled last layer.
 2. *LLaVA-style alignment*: tower frozen, projector + language model trained on ShapesVQA prompts
    (``Recipe.questions_per_image`` one-question prompts per rendered image: its own question and
-   ``shapes.extra_turns``) with the answer (and end-of-sequence) tokens as targets, plus a grounding
-   loss on two attention heads (``_grounding_loss``: question words → the patches they name); constant
+   ``shapes.extra_turns``) with the answer (and end-of-sequence) tokens as targets, the answer also at the
+   question's last key word (``_key_word_labels``), and a grounding loss on two attention heads
+   (``_grounding_loss``: question words → the patches they name); constant
    lr after warmup; training-time token dropping (``Recipe.image_tokens``: every object patch + random
    background patches, at their full-sequence positions).
 
@@ -286,11 +287,12 @@ class Recipe:
 
     sizes: TinySizes = field(default_factory=TinySizes)
     stage1_samples: int = 10_000
-    stage2_samples: int = 20_000  # images; each gives ``questions_per_image`` one-question rows
+    stage2_samples: int = 24_000  # images; each gives ``questions_per_image`` one-question rows
     stage1_batch_size: int = 16
     batch_size: int = 4  # stage 2: images per step (x questions_per_image rows)
     questions_per_image: int = 8  # the sample's question + shapes.extra_turns, each its own LLaVA prompt
     grounding: float = 1.0  # weight of the grounding loss on two attention heads (see _grounding_loss); 0 = off
+    key_word_labels: bool = True  # the answer is also the target at the question's last key word (_key_word_labels)
     stage1_lr: float = 3e-3
     stage2_lr: float = 1e-3
     stage2_tower_lr: float = 0.0  # 0: tower frozen in stage 2
@@ -355,11 +357,28 @@ class _Encoded(torch.utils.data.Dataset):
         return pv, torch.as_tensor(dense), torch.as_tensor(present), qas, torch.as_tensor(regions)
 
 
-def _collate(batch):
+def _key_word_labels(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (one-question prompts) with the answer also as the target of the question's last key word
+    (colour, shape, plural or "card"): the output of the grounded lookup at that word is then one layer
+    from a loss (see ``_grounding_loss``). Generation never reads that position."""
+    v = vocab()
+    key = torch.tensor(sorted({v[w] for w in list(S.COLORS) + list(S.SHAPES) + list(S.PLURALS.values()) + ["card"]}))
+    out = labels.clone()
+    for r in range(len(ids)):
+        asst = int((ids[r] == v["ASSISTANT:"]).nonzero()[0])
+        where = torch.isin(ids[r, :asst], key).nonzero()
+        if len(where):
+            out[r, int(where[-1]) + 1] = ids[r, asst + 1]  # the label at t+1 is what position t predicts
+    return out
+
+
+def _collate(batch, key_words=False):
     """(pixel values (B, 3, 336, 336), dense (B, 4, 576), present (B, 20), then one row per question:
     input_ids, attention_mask, labels (R, L), the row's image index (R,), answer regions (R, 576))."""
     pv, dense, present, qas, regions = zip(*batch)
     ids, mask, labels = encode_turns([[qa] for q in qas for qa in q])
+    if key_words:
+        labels = _key_word_labels(ids, labels)
     image = torch.cat([torch.full((len(q),), i) for i, q in enumerate(qas)])
     return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask, labels, image, torch.cat(regions)
 
@@ -485,9 +504,10 @@ def _stage2_loss(model, pv, dense, ids, mask, labels, image, regions, grounding=
     return out.loss
 
 
-def _loader(cfg, n, seed, batch_size, workers, questions=1):
+def _loader(cfg, n, seed, batch_size, workers, questions=1, key_words=False):
     ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False), questions)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
+    collate = functools.partial(_collate, key_words=key_words)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
@@ -556,7 +576,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         ts = time.time()
         for k, (frac, name) in enumerate(phases):
             m = int(round(n * frac)) - seen
-            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, questions):
+            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, questions,
+                                 key_words=stage == 2 and recipe.key_word_labels):
                 batch = [t.to(dev, non_blocking=True) for t in batch]
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)

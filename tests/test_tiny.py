@@ -152,3 +152,22 @@ def test_encode_turns(items):
     assert mask[1].sum() < mask[0].sum() and mask[1, 0] == 0  # left padding
     with pytest.raises(ValueError, match="at least one"):
         T.encode_turns([[]])
+
+
+def test_key_word_labels():
+    """The answer is also the target of the question's last key word (the label sits one token later:
+    position t predicts label t + 1); ids, the answer's own labels and the input are left unchanged."""
+    v = T.vocab()
+    inv = {i: w for w, i in v.items()}
+    ids, mask, labels = T.encode_turns([[("what color is the circle ?", "red")], [("how many crosses are there ?", "2")],
+                                        [("what digit is on the card ?", "3")], [("where is the red square ?", "top-left")]],
+                                       n_image=2)
+    before = labels.clone()
+    out = T._key_word_labels(ids, labels)
+    assert torch.equal(labels, before)
+    pairs = [[(inv[int(ids[r, t])], inv[int(out[r, t + 1])]) for t in range(ids.shape[1] - 1) if out[r, t + 1] >= 0]
+             for r in range(len(ids))]
+    assert pairs == [[("circle", "red"), ("ASSISTANT:", "red"), ("red", "</s>")],
+                     [("crosses", "2"), ("ASSISTANT:", "2"), ("2", "</s>")],
+                     [("card", "3"), ("ASSISTANT:", "3"), ("3", "</s>")],
+                     [("square", "top-left"), ("ASSISTANT:", "top-left"), ("top-left", "</s>")]]
