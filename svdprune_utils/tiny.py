@@ -653,7 +653,7 @@ def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int 
                   budgets=(None, 64, 16), write: bool = True) -> dict:
     """Test-split accuracy of the model at ``path`` (greedy first token, fast path) at full 576
     tokens and with K random tokens per ``budgets``, plus ``slice200``: the first 200 test
-    questions through the processor + HF forward (what tests/test_tiny_shipped.py checks). Writes
+    questions through the processor + HF forward (the slice a shipped model is tested on). Writes
     ``eval.json`` next to the weights when ``write``."""
     model, proc = load_tiny(path, "cpu")
     ds = S.ShapesVQA("test", n=n_test, seed=seed)

@@ -127,6 +127,9 @@ def test_train_tiny_smoke(tmp_path):
     assert log.startswith("stage,samples,seconds,loss") and "patch_shape" in log and "val_overall" in log
     assert json.loads((tmp_path / "recipe.json").read_text())["seed"] == 0
     first = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    ev = T.evaluate_tiny(tmp_path, n_test=12, budgets=(None, 16))  # writes eval.json next to the weights
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(ev))
+    assert set(ev) >= {"576", "random16", "slice200", "chance"} and 0.0 <= ev["slice200"]["overall"] <= 1.0
     assert AutoProcessor.from_pretrained(tmp_path).tokenizer("yes").input_ids[-1] == T.vocab()["yes"]
     # stage1_from: stage 2 only, on the earlier run's tower (and its stage-1 log rows)
     T.train_tiny(tmp_path / "again", seed=0, device="cpu", sizes=sizes, stage1_samples=16, stage2_samples=8,
