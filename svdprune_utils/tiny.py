@@ -663,7 +663,7 @@ def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int 
         out["576" if b is None else f"random{b}"] = accuracy(model, items, budget=b, seed=seed)
     pred = []
     with torch.no_grad():
-        for b in range(0, 200, 50):
+        for b in range(0, min(200, len(items)), 50):
             batch = items[b:b + 50]
             inp = proc(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
                        return_tensors="pt", padding=True)
