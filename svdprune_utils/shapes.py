@@ -359,13 +359,10 @@ def _try_sample(rng, cfg, qtype):
 
     image, idmap = render_scene(rng, objects, cfg)
     cov = patch_coverage(idmap, len(objects)).astype(np.float32)
-    if qtype == "exist" and answer == "no":
-        region = [i for i, o in enumerate(objects) if o["kind"] == "object"]
-    else:
-        region = [i for i, o in enumerate(objects) if o["target"]]
-    mask = (cov[region] > 0).any(0) if region else np.zeros((GRID, GRID), bool)
-    if qtype == "quadrant" and _quadrant_of(idmap, region[0]) != answer:  # read off the drawn pixels
-        return None
+    mask = question_region(objects, cov, q)
+    if qtype == "quadrant":  # the answer is read off the drawn pixels of the (one) target
+        if _quadrant_of(idmap, next(i for i, o in enumerate(objects) if o["target"])) != answer:
+            return None
     return dict(image=image, question=q, answer=answer, qtype=qtype, mask=mask, objects=objects,
                 coverage=cov, idmap=idmap)
 

@@ -271,8 +271,12 @@ def accuracy(model, samples, budget: int | None = None, seed: int = 0, batch_siz
     samples = [samples[i] for i in range(len(samples))]
     pred = answer(model, [s["image"] for s in samples], [s["question"] for s in samples], budget, seed,
                   batch_size)
-    ok = np.array([p == s["answer"] for p, s in zip(pred, samples)])
-    qt = np.array([s["qtype"] for s in samples])
+    return _per_type([p == s["answer"] for p, s in zip(pred, samples)], [s["qtype"] for s in samples])
+
+
+def _per_type(correct, qtypes) -> dict[str, float]:
+    """Mean of the bools ``correct`` per question type present in ``qtypes`` (in ``QTYPES`` order), and "overall"."""
+    ok, qt = np.asarray(correct, dtype=bool), np.asarray(qtypes)
     res = {q: float(ok[qt == q].mean()) for q in S.QTYPES if (qt == q).any()}
     res["overall"] = float(ok.mean())
     return res
@@ -357,12 +361,16 @@ class _Encoded(torch.utils.data.Dataset):
         return pv, torch.as_tensor(dense), torch.as_tensor(present), qas, torch.as_tensor(regions)
 
 
+KEY_WORDS = (*S.COLORS, *S.SHAPES, *S.PLURALS.values(), "card")
+"""Question words that name what to look for (stage-2 key-word labels and grounding queries)."""
+
+
 def _key_word_labels(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``labels`` (one-question prompts) with the answer also as the target of the question's last key word
     (colour, shape, plural or "card"): the output of the grounded lookup at that word is then one layer
     from a loss (see ``_grounding_loss``). Generation never reads that position."""
     v = vocab()
-    key = torch.tensor(sorted({v[w] for w in list(S.COLORS) + list(S.SHAPES) + list(S.PLURALS.values()) + ["card"]}))
+    key = torch.tensor([v[w] for w in KEY_WORDS])
     out = labels.clone()
     for r in range(len(ids)):
         asst = int((ids[r] == v["ASSISTANT:"]).nonzero()[0])
@@ -461,23 +469,24 @@ def _grounding_loss(attentions, ids, dense, regions, kept, image_token_id) -> to
     on a word (data/README.md); a pretrained LLM brings that skill, ours learns it here."""
     v = vocab()
     inv = {i: w for w, i in v.items()}
-    colors, plural = list(S.COLORS), {v[p] for p in S.PLURALS.values()}
+    colors, plural = list(S.COLORS), set(S.PLURALS.values())
     terms = []
     for r in range(len(ids)):
         row = ids[r].tolist()
         img = (ids[r] == image_token_id).nonzero().squeeze(1)
         d = dense[r][:, kept[r]]
         words = [(p, inv[t]) for p, t in enumerate(row[:row.index(v["ASSISTANT:"])])]
-        keys = [(p, w) for p, w in words if w in S.COLORS or w in S.SHAPES or w == "card"]
+        keys = [(p, w) for p, w in words if w in KEY_WORDS]
         for p, w in keys:
+            if w in plural:  # count questions: not grounded
+                continue
             reg = d[0] == colors.index(w) if w in S.COLORS else \
                 d[1] == S.SHAPES.index(w) if w in S.SHAPES else d[2] < len(S.DIGITS)
             if reg.any():
                 terms.append(attentions[0][r, 0, p, img[reg]].sum())
-        last = [p for p, w in words if w in S.COLORS or w in S.SHAPES or w == "card" or v[w] in plural]
         reg = regions[r][kept[r]]
-        if len(attentions) > 1 and last and row[last[-1]] not in plural and reg.any():
-            terms.append(attentions[1][r, 0, last[-1], img[reg]].sum())
+        if len(attentions) > 1 and keys and keys[-1][1] not in plural and reg.any():
+            terms.append(attentions[1][r, 0, keys[-1][0], img[reg]].sum())
     if not terms:
         return attentions[0].sum() * 0.0
     return -torch.log(torch.stack(terms) + 1e-4).mean()
@@ -668,9 +677,7 @@ def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int 
             inp = proc(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
                        return_tensors="pt", padding=True)
             pred += proc.batch_decode(model(**inp, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None])
-    ok = np.array([p == s["answer"] for p, s in zip(pred, items[:200])])
-    qt = np.array([s["qtype"] for s in items[:200]])
-    out["slice200"] = {q: float(ok[qt == q].mean()) for q in S.QTYPES} | {"overall": float(ok.mean())}
+    out["slice200"] = _per_type([p == s["answer"] for p, s in zip(pred, items)], [s["qtype"] for s in items[:200]])
     out["chance"] = S.chance_accuracy()
     if write:
         (Path(path) / "eval.json").write_text(json.dumps(out, indent=1))

@@ -180,9 +180,13 @@ def test_extra_turns_deterministic_distinct_and_valid(test_slice):
         assert len(S.extra_turns(s, rng(), 2)) <= 2
 
 
-def test_question_region_is_the_mask_of_the_sample_question(test_slice):
-    for s in test_slice:  # every question type, exist yes and no
-        assert np.array_equal(S.question_region(s["objects"], s["coverage"], s["question"]), s["mask"]), s["question"]
+def test_question_region_covers_the_question_targets(test_slice):
+    for s in test_slice:  # every question type, exist yes and no; make_sample flags the objects it asked about
+        absent = s["qtype"] == "exist" and s["answer"] == "no"  # then every coloured object is the region
+        about = [k for k, o in enumerate(s["objects"]) if (o["kind"] == "object" if absent else o["target"])]
+        expected = (s["coverage"][about] > 0).any(0)
+        assert np.array_equal(S.question_region(s["objects"], s["coverage"], s["question"]), expected), s["question"]
+        assert np.array_equal(s["mask"], expected)
     s = test_slice[0]
     for q, _ in S.extra_turns(s, np.random.default_rng(0), 8):  # regions of extra turns lie on objects
         reg = S.question_region(s["objects"], s["coverage"], q)
