@@ -135,8 +135,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _train_tiny(args: argparse.Namespace) -> int:
     from .tiny import evaluate_tiny, train_tiny
 
-    over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_samples=args.stage2_samples).items()
-            if v is not None}
+    over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_images=args.stage2_images,
+                                  stage2_steps=args.stage2_steps).items() if v is not None}
     res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
                      time_budget=args.time_budget, stage1_from=args.stage1_from, **over)
     print("validation accuracy:", {k: round(v, 3) for k, v in res.items()})
@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
     tr.add_argument("--workers", type=int, default=1, help="DataLoader processes rendering scenes")
     tr.add_argument("--stage1-samples", type=int, default=None, help="images for stage 1 (default: recipe)")
-    tr.add_argument("--stage2-samples", type=int, default=None, help="images for stage 2 (default: recipe)")
+    tr.add_argument("--stage2-images", type=int, default=None, help="scenes in the stage-2 pool (default: recipe)")
+    tr.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps (default: recipe)")
     tr.add_argument("--time-budget", type=float, default=None,
-                    help="seconds; stops each stage early in proportion to its share of the samples")
+                    help="seconds; ends stage 2 early once the run has taken this long")
     tr.add_argument("--stage1-from", default=None,
                     help="skip stage 1: reuse the vision tower (and stage-1 log rows) of an earlier run's output")
     tr.set_defaults(func=_train_tiny)

@@ -11,12 +11,14 @@ Recipe (``train_tiny``), after FACTS.md "Training the embedded tiny LLaVA":
    targets read at ``vision_feature_layer`` (-2; colour, shape, card digit and object-centre of the
    object covering the patch, and the patch's quadrant) and a multi-label CLS head (which
    colour–shape pairs are present) on the CLS token at layer -2 and on the pooled last layer.
-2. *LLaVA-style alignment*: tower frozen, projector + language model trained on ShapesVQA prompts
-   (``Recipe.questions_per_image`` one-question prompts per rendered image: its own question and
-   ``shapes.extra_turns``) with the answer (and end-of-sequence) tokens as targets, the answer also at the
-   question's last key word (``_key_word_labels``), and a grounding loss on two attention heads
-   (``_grounding_loss``: question words → the patches they name); constant
-   lr after warmup; training-time token dropping (``Recipe.image_tokens``: every object patch + random
+2. *LLaVA-style alignment*: tower frozen, projector + language model trained on one-question ShapesVQA
+   prompts with the answer (and end-of-sequence) tokens as targets. The tower's features of a pool of
+   ``Recipe.stage2_images`` scenes are computed once (``feature_pool``); each step takes
+   ``Recipe.batch_size`` distinct scenes of the pool with one of their ``Recipe.stage2_questions``
+   questions each (its own and ``shapes.extra_turns``). Also: the answer as a target at the question's
+   last key word (``_key_word_labels``), a grounding loss on two attention heads (``_grounding_loss``:
+   question words → the patches they name; the count query → the objects and ``<s>``), constant lr after
+   warmup, and training-time token dropping (``Recipe.image_tokens``: every object patch + random
    background patches, at their full-sequence positions).
 
 The from-scratch decoder needs the grounding loss: without it, it learns the one lookup that does not
@@ -291,33 +293,26 @@ class Recipe:
 
     sizes: TinySizes = field(default_factory=TinySizes)
     stage1_samples: int = 10_000
-    stage2_samples: int = 24_000  # images; each gives ``questions_per_image`` one-question rows
     stage1_batch_size: int = 16
-    batch_size: int = 4  # stage 2: images per step (x questions_per_image rows)
-    questions_per_image: int = 8  # the sample's question + shapes.extra_turns, each its own LLaVA prompt
+    stage1_lr: float = 3e-3
+    # stage 2 trains on a pool of rendered scenes whose (frozen) tower features are computed once
+    stage2_images: int = 8_000  # scenes in the pool
+    stage2_questions: int = 10  # questions per pooled scene: its own + shapes.extra_turns
+    stage2_steps: int = 15_000
+    batch_size: int = 32  # stage 2 rows per step: distinct scenes of the pool, one random question each
+    stage2_lr: float = 1e-3
     grounding: float = 1.0  # weight of the grounding loss on two attention heads (see _grounding_loss); 0 = off
     key_word_labels: bool = True  # the answer is also the target at the question's last key word (_key_word_labels)
-    stage1_lr: float = 3e-3
-    stage2_lr: float = 1e-3
-    stage2_tower_lr: float = 0.0  # 0: tower frozen in stage 2
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    curriculum: tuple = ((1.0, "full"),)  # (until fraction, CURRICULUM scene config)
-    # stage 2 token dropping, (until fraction, image tokens kept): every object/card patch plus random
-    # background patches, at their full-sequence positions; None = all 576 (see _thin_image_tokens). Trained
-    # on 32 tokens only, the model answers as well with all 576 (validation runs on 576); a 576-token phase
-    # with the grounding loss runs at 0.6 images/s on 2 cores (32 tokens: 14/s)
-    image_tokens: tuple = ((1.0, 32),)
-    log_every: int = 1_000  # samples between loss rows in train_log.csv
-    eval_every: int = 4_000  # samples between validation rows (stage 2)
+    # stage 2 token dropping: every object/card patch plus random background patches up to this many image
+    # tokens, at their full-sequence positions (see _thin_image_tokens); None = all 576. Trained on 32 tokens
+    # the model answers as well with all 576 (validation runs on 576); 576-token rows with the grounding loss
+    # cost ~20x more on 2 cores
+    image_tokens: int | None = 32
+    log_every: int = 50  # steps between loss rows in train_log.csv
+    eval_every: int = 1_000  # stage-2 steps between validation rows (stage 1: patch accuracy at the end)
     eval_n: int = 180  # validation questions (balanced over the types)
-
-
-CURRICULUM = {"one": S.SceneConfig(min_objects=1, max_objects=1, clutter=0.3),  # read attributes, no lookup yet
-              "two": S.SceneConfig(min_objects=2, max_objects=2, clutter=0.6),
-              "easy": S.EASY,
-              "medium": S.SceneConfig(min_objects=2, max_objects=5, clutter=0.6),
-              "full": S.SceneConfig()}
 
 
 class _Encoded(torch.utils.data.Dataset):
@@ -380,15 +375,18 @@ def _key_word_labels(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _collate(batch, key_words=False):
-    """(pixel values (B, 3, 336, 336), dense (B, 4, 576), present (B, 20), then one row per question:
-    input_ids, attention_mask, labels (R, L), the row's image index (R,), answer regions (R, 576))."""
+def _collate(batch):
+    """(pixel values (B, 3, 336, 336), dense (B, 4, 576), present (B, 20), the (question, answer)
+    lists, answer regions (list of (Q_i, 576) bool)) of ``_Encoded`` items."""
     pv, dense, present, qas, regions = zip(*batch)
-    ids, mask, labels = encode_turns([[qa] for q in qas for qa in q])
-    if key_words:
-        labels = _key_word_labels(ids, labels)
-    image = torch.cat([torch.full((len(q),), i) for i, q in enumerate(qas)])
-    return torch.stack(pv), torch.stack(dense), torch.stack(present), ids, mask, labels, image, torch.cat(regions)
+    return torch.stack(pv), torch.stack(dense), torch.stack(present), list(qas), list(regions)
+
+
+def _rows(qas, key_words: bool = False):
+    """input_ids, attention_mask, labels (R, L) of one-question prompts ``qas`` [(question, answer), ...]
+    (576 image placeholders each), with ``_key_word_labels`` when ``key_words``."""
+    ids, mask, labels = encode_turns([[qa] for qa in qas])
+    return ids, mask, _key_word_labels(ids, labels) if key_words else labels
 
 
 class _Stage1Heads(nn.Module):
@@ -463,48 +461,55 @@ def _grounding_loss(attentions, ids, dense, regions, kept, image_token_id) -> to
     Layer 0: from each colour / shape / "card" word of the question, the attention mass on the patches
     that word names (all red patches for "red", all circles for "circle", the card for "card").
     Layer 1: from the question's last such word, the mass on the question's answer region (the red
-    circle of "is there a red circle ?"; count questions are not grounded here — their answer is a
-    number of objects, not where attention goes). The loss is the mean of -log(mass) over these queries.
-    Without it the from-scratch decoder stays on the answer prior for every question whose lookup depends
-    on a word (data/README.md); a pretrained LLM brings that skill, ours learns it here."""
+    circle of "is there a red circle ?"). For a count question ("how many circles are there ?", answer n)
+    the target of that query is a distribution: n/(n+1) on the objects and 1/(n+1) on the ``<s>`` token, so
+    the share left on ``<s>`` says how many there are (softmax attention alone averages, it does not count).
+    The loss is the mean over these queries of the cross-entropy -log(mass) (-Σ target·log(mass) for
+    count). Without it the from-scratch decoder stays on the answer prior for every question whose lookup
+    depends on a word (data/README.md); a pretrained LLM brings that skill, ours learns it here."""
     v = vocab()
     inv = {i: w for w, i in v.items()}
     colors, plural = list(S.COLORS), set(S.PLURALS.values())
+    log = lambda x: torch.log(x + 1e-4)  # noqa: E731
     terms = []
     for r in range(len(ids)):
         row = ids[r].tolist()
         img = (ids[r] == image_token_id).nonzero().squeeze(1)
         d = dense[r][:, kept[r]]
-        words = [(p, inv[t]) for p, t in enumerate(row[:row.index(v["ASSISTANT:"])])]
-        keys = [(p, w) for p, w in words if w in KEY_WORDS]
+        asst = row.index(v["ASSISTANT:"])
+        keys = [(p, inv[t]) for p, t in enumerate(row[:asst]) if inv[t] in KEY_WORDS]
         for p, w in keys:
-            if w in plural:  # count questions: not grounded
+            if w in plural:  # the plural is grounded at layer 1 only (below)
                 continue
             reg = d[0] == colors.index(w) if w in S.COLORS else \
                 d[1] == S.SHAPES.index(w) if w in S.SHAPES else d[2] < len(S.DIGITS)
             if reg.any():
-                terms.append(attentions[0][r, 0, p, img[reg]].sum())
+                terms.append(-log(attentions[0][r, 0, p, img[reg]].sum()))
         reg = regions[r][kept[r]]
-        if len(attentions) > 1 and keys and keys[-1][1] not in plural and reg.any():
-            terms.append(attentions[1][r, 0, keys[-1][0], img[reg]].sum())
+        if len(attentions) < 2 or not keys or not reg.any():
+            continue
+        att = attentions[1][r, 0, keys[-1][0]]
+        if keys[-1][1] in plural:
+            n = int(inv[row[asst + 1]])
+            terms.append(-(n * log(att[img[reg]].sum()) + log(att[row.index(v["<s>"])])) / (n + 1))
+        else:
+            terms.append(-log(att[img[reg]].sum()))
     if not terms:
         return attentions[0].sum() * 0.0
-    return -torch.log(torch.stack(terms) + 1e-4).mean()
+    return torch.stack(terms).mean()
 
 
-def _stage2_loss(model, pv, dense, ids, mask, labels, image, regions, grounding=0.0, n_keep=None, generator=None,
-                 train_tower=False):
-    """Stage-2 loss of one batch: the answer tokens' cross-entropy (+ ``grounding`` x ``_grounding_loss``;
-    needs the eager attention). Rows are prompts; ``image`` maps each row to its image in ``pv``."""
-    with torch.set_grad_enabled(train_tower):
-        feats = vision_features(model, pv)[:, 1:][image]
-    dense = dense[image]
+def _stage2_loss(model, feats, dense, ids, mask, labels, regions, grounding=0.0, n_keep=None, generator=None):
+    """Stage-2 loss of one batch of one-question prompts: the answer tokens' cross-entropy (+ ``grounding``
+    x ``_grounding_loss``; needs the eager attention). ``feats`` (R, 576, d) are each row's tower features
+    (``vision_features`` without CLS), ``dense`` (R, 4, 576) its image's patch targets, ``regions`` (R, 576)
+    its question's answer region; ``n_keep`` image tokens per row (``_thin_image_tokens``), None = all."""
     pos, kept = None, torch.arange(feats.shape[1], device=feats.device).expand(len(ids), -1)
     if n_keep is not None and n_keep < feats.shape[1]:
         ids, mask, labels, pos, kept = _thin_image_tokens(ids, mask, labels, dense, model.config.image_token_id,
                                                           n_keep, generator)
         feats = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
-    emb = embed_inputs(model, ids, model.model.multi_modal_projector(feats))
+    emb = embed_inputs(model, ids, model.model.multi_modal_projector(feats.float()))
     out = model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, labels=labels,
                 output_attentions=grounding > 0)
     if grounding > 0:
@@ -513,11 +518,43 @@ def _stage2_loss(model, pv, dense, ids, mask, labels, image, regions, grounding=
     return out.loss
 
 
-def _loader(cfg, n, seed, batch_size, workers, questions=1, key_words=False):
-    ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, config=cfg, balanced=False), questions)
-    collate = functools.partial(_collate, key_words=key_words)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+def _loader(n, seed, batch_size, workers, questions=1):
+    """Batches of ``_Encoded`` train scenes (full ShapesVQA config) rendered in ``workers`` processes."""
+    ds = _Encoded(S.ShapesVQA("train", n=n, seed=seed, balanced=False), questions)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+@torch.no_grad()
+def feature_pool(model, n_images: int, questions: int, seed: int, workers: int = 0, batch_size: int = 32,
+                 progress: bool = True) -> dict:
+    """Stage-2 training pool: ``n_images`` rendered train scenes (stream ``seed``) with their frozen tower
+    features computed once. Returns ``feats`` (n, 576, d) float16 (``vision_features`` without CLS),
+    ``dense`` (n, 4, 576) patch targets, ``qas`` (per scene: up to ``questions`` (question, answer) pairs,
+    its own first, then ``shapes.extra_turns``) and ``regions`` (per scene: (Q, 576) bool answer regions).
+    Memory: n x 576 x d x 2 bytes (590 MB for 8000 scenes at d = 64)."""
+    from tqdm.auto import tqdm
+
+    dev = next(model.parameters()).device
+    feats, dense, qas, regions = [], [], [], []
+    for pv, d, _, q, reg in tqdm(_loader(n_images, seed, batch_size, workers, questions), desc="stage-2 pool",
+                                 total=math.ceil(n_images / batch_size), disable=not progress, leave=False):
+        feats.append(vision_features(model, pv.to(dev))[:, 1:].to("cpu", torch.float16))
+        dense.append(d.to(torch.int16))
+        qas += q
+        regions += reg
+    return dict(feats=torch.cat(feats), dense=torch.cat(dense), qas=qas, regions=regions)
+
+
+def _pool_batch(pool, rng: np.random.Generator, batch_size: int, key_words: bool, device):
+    """``batch_size`` distinct scenes of ``pool`` drawn by ``rng``, one random question of each: the
+    arguments of ``_stage2_loss`` after ``model`` (features, dense, ids, mask, labels, regions)."""
+    scenes = rng.choice(len(pool["qas"]), batch_size, replace=False)
+    pick = [int(rng.integers(len(pool["qas"][i]))) for i in scenes]
+    ids, mask, labels = _rows([pool["qas"][i][q] for i, q in zip(scenes, pick)], key_words)
+    regions = torch.stack([pool["regions"][i][q] for i, q in zip(scenes, pick)])
+    t = torch.as_tensor(scenes)
+    return [x.to(device) for x in (pool["feats"][t], pool["dense"][t].long(), ids, mask, labels, regions)]
 
 
 def _write_log(path, log):
@@ -538,14 +575,22 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     """Train the tiny LLaVA from scratch (``recipe``, with ``overrides`` of its fields) and save
     model + processor + ``train_log.csv`` + ``recipe.json`` to ``out_dir``.
 
-    ``time_budget`` (seconds, optional) stops each stage early in proportion to its sample share.
-    ``stage1_from`` (a directory this function wrote earlier with the same recipe sizes) skips stage 1:
-    its vision tower and its stage-1 log rows are reused (stage 1 is deterministic for a given seed).
-    Returns the final validation accuracy dict. Deterministic for a given (seed, device, workers=any).
+    Stage 1 trains the tower on ``stage1_samples`` scenes; stage 2 renders a pool of ``stage2_images``
+    scenes, computes their tower features once (``feature_pool``) and runs ``stage2_steps`` steps of
+    ``batch_size`` distinct scenes x one question. ``time_budget`` (seconds, optional) ends stage 2's steps
+    early once the whole run has taken that long. ``stage1_from`` (a directory this function wrote earlier
+    with the same recipe sizes) skips stage 1: its vision tower and its stage-1 log rows are reused (stage 1
+    is deterministic for a given seed). Returns the final validation accuracy dict. Deterministic for a
+    given (seed, device); ``workers`` (scene-rendering processes) does not change the result.
     """
     from tqdm.auto import tqdm
 
     recipe = replace(recipe, **overrides) if overrides else recipe
+    if not 1 <= recipe.batch_size <= recipe.stage2_images:
+        raise ValueError(f"stage 2 draws batch_size={recipe.batch_size} distinct scenes per step from a pool of "
+                         f"stage2_images={recipe.stage2_images}: need 1 <= batch_size <= stage2_images")
+    if recipe.stage2_questions < 1:
+        raise ValueError(f"stage2_questions must be >= 1, got {recipe.stage2_questions}")
     dev = auto_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -556,15 +601,12 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         heads = _Stage1Heads(recipe.sizes.vision_hidden).to(dev)
     val = S.ShapesVQA("val", n=recipe.eval_n, seed=seed)
     val = [val[i] for i in range(len(val))]
-    log, t0, total = [], time.time(), recipe.stage1_samples + recipe.stage2_samples
-    bar = tqdm(total=total, unit="sample", disable=not progress, smoothing=0.05)
+    log, t0 = [], time.time()
 
-    probe = None if stage1_from is not None else \
-        _collate([_Encoded(S.ShapesVQA("val", n=64, seed=seed, balanced=False))[i] for i in range(64)])
-
-    def record(stage, seen, loss, evaluate):
-        row = dict(stage=stage, samples=seen, seconds=round(time.time() - t0, 1), loss=round(loss, 4))
+    def record(stage, step, seen, loss, evaluate):
+        row = dict(stage=stage, step=step, samples=seen, seconds=round(time.time() - t0, 1), loss=round(loss, 4))
         if evaluate and stage == 1:  # per-patch accuracy of the tower on 64 validation images
+            probe = _collate([_Encoded(S.ShapesVQA("val", n=64, seed=seed, balanced=False))[i] for i in range(64)])
             model.eval()
             row.update({f"patch_{k}": round(v, 4) for k, v in stage1_accuracy(model, heads, probe).items()})
             model.train()
@@ -576,45 +618,22 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
             model.train()
         log.append(row)
         _write_log(out_dir / "train_log.csv", log)
-        bar.set_postfix(stage=stage, loss=f"{loss:.3f}", val=row.get("val_overall", ""))
+        return row
 
-    def run(stage, params, lr, n, loss_fn, phases, batch_size, questions):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-        step, seen, ema, last_eval, last_log = 0, 0, None, 0, 0
-        budget = None if time_budget is None else time_budget * n / total
-        ts = time.time()
-        for k, (frac, name) in enumerate(phases):
-            m = int(round(n * frac)) - seen
-            for batch in _loader(CURRICULUM[name], m, seed * 1000 + stage * 10 + k, batch_size, workers, questions,
-                                 key_words=stage == 2 and recipe.key_word_labels):
-                batch = [t.to(dev, non_blocking=True) for t in batch]
-                for g in opt.param_groups:
-                    g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
-                done = seen / max(n, 1)
-                n_keep = next((kk for until, kk in recipe.image_tokens if done < until), None) if stage == 2 else None
-                loss = loss_fn(batch, n_keep)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-                opt.step()
-                step, seen = step + 1, seen + len(batch[0])
-                bar.update(len(batch[0]))
-                ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-                if seen - last_log >= recipe.log_every:
-                    last_log = seen
-                    do_eval = seen - last_eval >= recipe.eval_every
-                    last_eval = seen if do_eval else last_eval
-                    record(stage, seen, ema, evaluate=do_eval)
-                if budget is not None and time.time() - ts > budget:
-                    break
-            if budget is not None and time.time() - ts > budget:
-                break
-        record(stage, seen, ema, evaluate=True)
+    def step_(opt, params, loss, step):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    def optimizer(params, lr):
+        return torch.optim.AdamW([dict(params=params, initial_lr=lr)], lr=lr, weight_decay=recipe.weight_decay,
+                                 betas=(0.9, 0.98))
 
     # Stage 1: vision tower alone, dense per-patch + CLS targets.
     tower = model.model.vision_tower
-    p1 = list(tower.parameters()) + list(heads.parameters())
-    groups = [dict(params=p1, initial_lr=recipe.stage1_lr)]
     model.train()
     if stage1_from is not None:  # reuse the tower of an earlier run's stage 1 (same recipe and seed)
         from transformers import LlavaForConditionalGeneration
@@ -624,27 +643,53 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         if prev.exists():
             with open(prev) as f:
                 log.extend(r for r in csv.DictReader(f) if r["stage"] == "1")
-        total -= recipe.stage1_samples
-        bar.total = total
     else:
-        run(1, groups, recipe.stage1_lr, recipe.stage1_samples,
-            lambda b, k: _stage1_loss(model, heads, *b[:3]), ((1.0, "full"),),
-            recipe.stage1_batch_size, 1)
+        params = list(tower.parameters()) + list(heads.parameters())
+        opt = optimizer(params, recipe.stage1_lr)
+        step, seen, ema = 0, 0, None
+        bar = tqdm(total=recipe.stage1_samples, unit="scene", desc="stage 1 (tower)", disable=not progress)
+        for batch in _loader(recipe.stage1_samples, seed * 1000 + 10, recipe.stage1_batch_size, workers):
+            pv, dense, present = (t.to(dev, non_blocking=True) for t in batch[:3])
+            loss = _stage1_loss(model, heads, pv, dense, present)
+            step_(opt, params, loss, step)
+            step, seen = step + 1, seen + len(pv)
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.update(len(pv))
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if step % recipe.log_every == 0:
+                record(1, step, seen, ema, evaluate=False)
+        bar.close()
+        record(1, step, seen, ema, evaluate=True)
 
-    # Stage 2: LLaVA alignment; tower frozen (or at a small lr).
+    # Stage 2: LLaVA alignment on a pool of frozen tower features; projector + language model trained.
+    tower.requires_grad_(False)
+    model.eval()
+    pool = feature_pool(model, recipe.stage2_images, recipe.stage2_questions, seed * 1000 + 20, workers,
+                        progress=progress)
+    model.train()
+    params = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
+    opt = optimizer(params, recipe.stage2_lr)
+    rng = np.random.default_rng([seed, 2])  # scenes and questions of each step
     gen = torch.Generator().manual_seed(seed + 2)  # background patches kept while token dropping
-    tower.requires_grad_(recipe.stage2_tower_lr > 0)
-    rest = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
-    groups = [dict(params=rest, initial_lr=recipe.stage2_lr)]
-    if recipe.stage2_tower_lr > 0:
-        groups.append(dict(params=list(tower.parameters()), initial_lr=recipe.stage2_tower_lr))
     if recipe.grounding > 0:  # the grounding loss reads attention probabilities
         model.set_attn_implementation("eager")
-    run(2, groups, recipe.stage2_lr, recipe.stage2_samples,
-        lambda b, k: _stage2_loss(model, b[0], b[1], *b[3:], grounding=recipe.grounding, n_keep=k, generator=gen,
-                                  train_tower=recipe.stage2_tower_lr > 0),
-        recipe.curriculum, recipe.batch_size, recipe.questions_per_image)
+    ema, step = None, 0
+    bar = tqdm(total=recipe.stage2_steps, unit="step", desc="stage 2 (LLaVA)", disable=not progress)
+    for step in range(1, recipe.stage2_steps + 1):
+        batch = _pool_batch(pool, rng, recipe.batch_size, recipe.key_word_labels, dev)
+        loss = _stage2_loss(model, *batch, grounding=recipe.grounding, n_keep=recipe.image_tokens, generator=gen)
+        step_(opt, params, loss, step - 1)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.update(1)
+        last = step == recipe.stage2_steps or (time_budget is not None and time.time() - t0 > time_budget)
+        if step % recipe.log_every == 0 or step % recipe.eval_every == 0 or last:
+            row = record(2, step, step * recipe.batch_size, ema, evaluate=step % recipe.eval_every == 0 or last)
+            bar.set_postfix(loss=f"{ema:.3f}", val=row.get("val_overall", ""))
+        if last:
+            break
     bar.close()
+    if step == 0:  # stage2_steps = 0: validate the untrained language model
+        record(2, 0, 0, float("nan"), evaluate=True)
     tower.requires_grad_(True)
     model.set_attn_implementation("sdpa")
 

@@ -1,5 +1,6 @@
 """The embedded tiny LLaVA: offline tokenizer/processor, fast paths equal to the HF path, a smoke run of
 the training recipe, and training-time token dropping. (The shipped model: tests/test_tiny_shipped.py.)"""
+import csv
 import json
 
 import numpy as np
@@ -53,8 +54,11 @@ def test_fast_path_equals_hf_path(small_model, items):
 def test_token_dropping_keeps_objects_and_full_sequence_positions(small_model):
     m = small_model
     enc = T._Encoded(S.ShapesVQA("train", n=2, seed=0, balanced=False), questions=2)
-    pv, dense, present, ids, mask, labels, image, regions = T._collate([enc[i] for i in range(2)])
-    assert image.tolist() == [0, 0, 1, 1] and regions.shape == (4, 576) and ids.shape[0] == 4
+    pv, dense, present, qas, regions = T._collate([enc[i] for i in range(2)])
+    assert [len(q) for q in qas] == [2, 2] and [r.shape for r in regions] == [(2, 576)] * 2
+    image = torch.tensor([0, 0, 1, 1])
+    ids, mask, labels = T._rows([qa for q in qas for qa in q])
+    regions = torch.cat(regions)
     rows = dense[image]
     img_id = m.config.image_token_id
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -69,9 +73,11 @@ def test_token_dropping_keeps_objects_and_full_sequence_positions(small_model):
         assert torch.equal(pos[i][ids2[i] == img_id], first - int((~mask[i].bool()).sum()) + kept[i])
         assert torch.equal(pos[i][real][-1], (mask[i].sum() - 1))  # the last token keeps its full position
     with torch.no_grad():  # all 576 kept: the same loss as the plain forward (RoPE is relative)
-        full = T._stage2_loss(m, pv, dense, ids, mask, labels, image, regions)
+        tower = T.vision_features(m, pv)[:, 1:][image]
+        full = T._stage2_loss(m, tower, rows, ids, mask, labels, regions)
+        assert torch.equal(full, T._stage2_loss(m, tower, rows, ids, mask, labels, regions, n_keep=576, generator=gen()))
         ids3, mask3, lab3, pos3, kept3 = T._thin_image_tokens(ids, mask, labels, rows, img_id, 576, gen())
-        feats = m.model.multi_modal_projector(T.vision_features(m, pv)[:, 1:])[image]
+        feats = m.model.multi_modal_projector(tower)
         same = m(inputs_embeds=T.embed_inputs(m, ids3, feats), attention_mask=mask3, position_ids=pos3,
                  labels=lab3).loss
     assert torch.allclose(full, same, atol=1e-5)
@@ -81,7 +87,9 @@ def test_grounding_loss_rewards_attention_on_the_named_patches():
     v = T.vocab()
     ds = S.ShapesVQA("train", n=1, seed=0, qtypes=("color",))
     sample = ds[0]
-    pv, dense, present, ids, mask, labels, image, regions = T._collate([T._Encoded(ds)[0]])
+    pv, dense, present, qas, regions = T._collate([T._Encoded(ds)[0]])
+    ids, mask, labels = T._rows(qas[0])
+    regions = regions[0]
     assert torch.equal(regions[0], torch.as_tensor(sample["mask"]).reshape(-1))
     L, kept = ids.shape[1], torch.arange(576)[None]
     img = (ids[0] == v["<image>"]).nonzero().squeeze(1)
@@ -105,6 +113,60 @@ def test_grounding_loss_rewards_attention_on_the_named_patches():
     assert loss((uniform,)) == pytest.approx(-np.log(len(named) / L + 1e-4), rel=1e-5)  # one layer: layer 0 only
 
 
+def test_grounding_loss_count_target_leaves_one_share_on_bos():
+    """Count questions: layer 1's query at the plural is graded against n/(n+1) on the objects of that shape
+    and 1/(n+1) on <s>; the exact minimum sits there, not at all attention on the objects."""
+    v = T.vocab()
+    ds = S.ShapesVQA("train", n=1, seed=0, qtypes=("count",))
+    sample = ds[0]
+    pv, dense, present, qas, regions = T._collate([T._Encoded(ds)[0]])
+    ids, mask, labels = T._rows(qas[0][:1])
+    region, n = regions[0][:1], int(sample["answer"])
+    L, kept = ids.shape[1], torch.arange(576)[None]
+    img = (ids[0] == v["<image>"]).nonzero().squeeze(1)[region[0]]
+    p, bos = int((ids[0] == v[sample["question"].split()[2]]).nonzero()[0]), int((ids[0] == v["<s>"]).nonzero()[0])
+    assert len(img) == n  # aligned objects: one patch each
+
+    def layer1(on_objects, on_bos):
+        a = torch.full((1, 2, L, L), 1.0 / L)
+        a[0, 0, p] = (1.0 - on_objects - on_bos) / (L - n - 1)
+        a[0, 0, p, img] = on_objects / n
+        a[0, 0, p, bos] = on_bos
+        return a
+
+    none = torch.zeros(1, 2, L, L)  # layer 0: the plural is not graded there, and nothing else is a key word
+    loss = lambda a: float(T._grounding_loss((none, a), ids, dense, region, kept, v["<image>"]))  # noqa: E731
+    best = loss(layer1(n / (n + 1), 1 / (n + 1)))
+    assert best == pytest.approx(-(n * np.log(n / (n + 1) + 1e-4) + np.log(1 / (n + 1) + 1e-4)) / (n + 1), rel=1e-5)
+    assert best < loss(layer1(0.999, 0.0)) and best < loss(layer1(0.5 * n / (n + 1), 0.5))
+
+
+def test_feature_pool_and_pool_batches(small_model):
+    m = small_model
+    pool = T.feature_pool(m, 5, questions=3, seed=7, batch_size=2, progress=False)
+    ds = T._Encoded(S.ShapesVQA("train", n=5, seed=7, balanced=False), questions=3)
+    assert pool["feats"].shape == (5, 576, 32) and pool["feats"].dtype == torch.float16
+    pv, dense, _, qas, regions = T._collate([ds[i] for i in range(5)])
+    with torch.no_grad():
+        ref = T.vision_features(m, pv)[:, 1:]
+    assert torch.allclose(pool["feats"].float(), ref, atol=2e-2 * float(ref.abs().max()))
+    assert torch.equal(pool["dense"].long(), dense) and pool["qas"] == qas
+    assert all(torch.equal(a, b) for a, b in zip(pool["regions"], regions))
+    batches = [T._pool_batch(pool, np.random.default_rng(0), 4, True, "cpu") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*batches))  # the generator alone decides
+    feats, dense4, ids, mask, labels, reg = batches[0]
+    scenes = [int((pool["feats"].float() == f.float()).all(-1).all(-1).nonzero()) for f in feats]
+    assert len(set(scenes)) == 4  # distinct scenes, one question each, its region and labels alongside
+    v, inv = T.vocab(), {i: w for w, i in T.vocab().items()}
+    for r, i in enumerate(scenes):
+        q = " ".join(inv[int(t)] for t in ids[r, mask[r].bool()][578:-3])
+        k = [qq for qq, _ in pool["qas"][i]].index(q)
+        assert inv[int(ids[r, -2])] == pool["qas"][i][k][1] and torch.equal(reg[r], pool["regions"][i][k])
+        assert torch.equal(dense4[r], pool["dense"][i].long()) and (labels[r] != -100).sum() == 3  # key word + answer + </s>
+    with pytest.raises(ValueError, match="distinct scenes"):
+        T.train_tiny("/nonexistent", stage2_images=3, batch_size=4, progress=False)
+
+
 def test_build_is_seeded_without_global_rng():
     torch.manual_seed(5)
     before = torch.rand(1)
@@ -120,11 +182,15 @@ def test_train_tiny_smoke(tmp_path):
 
     sizes = T.TinySizes(vision_hidden=32, text_hidden=32, vision_heads=2, text_heads=2, vision_layers=2,
                         text_layers=1)
-    res = T.train_tiny(tmp_path, seed=0, device="cpu", sizes=sizes, stage1_samples=16, stage2_samples=16,
-                       batch_size=8, eval_n=6, log_every=8, eval_every=8, progress=False)
+    kw = dict(sizes=sizes, stage1_samples=16, stage1_batch_size=8, stage2_images=6, stage2_questions=3,
+              batch_size=4, eval_n=6, log_every=1, eval_every=2, progress=False)
+    res = T.train_tiny(tmp_path, seed=0, device="cpu", stage2_steps=3, **kw)
     assert 0.0 <= res["overall"] <= 1.0
-    log = (tmp_path / "train_log.csv").read_text()
-    assert log.startswith("stage,samples,seconds,loss") and "patch_shape" in log and "val_overall" in log
+    with open(tmp_path / "train_log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert [(r["stage"], r["step"], bool(r.get("val_overall"))) for r in log] == \
+        [("1", "1", False), ("1", "2", False), ("1", "2", False), ("2", "1", False), ("2", "2", True), ("2", "3", True)]
+    assert log[2]["patch_shape"] and log[-1]["samples"] == "12"
     assert json.loads((tmp_path / "recipe.json").read_text())["seed"] == 0
     first = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     ev = T.evaluate_tiny(tmp_path, n_test=12, budgets=(None, 16))  # writes eval.json next to the weights
@@ -132,8 +198,7 @@ def test_train_tiny_smoke(tmp_path):
     assert set(ev) >= {"576", "random16", "slice200", "chance"} and 0.0 <= ev["slice200"]["overall"] <= 1.0
     assert AutoProcessor.from_pretrained(tmp_path).tokenizer("yes").input_ids[-1] == T.vocab()["yes"]
     # stage1_from: stage 2 only, on the earlier run's tower (and its stage-1 log rows)
-    T.train_tiny(tmp_path / "again", seed=0, device="cpu", sizes=sizes, stage1_samples=16, stage2_samples=8,
-                 batch_size=8, eval_n=6, log_every=8, eval_every=8, progress=False, stage1_from=tmp_path)
+    T.train_tiny(tmp_path / "again", seed=0, device="cpu", stage2_steps=1, stage1_from=tmp_path, **kw)
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "again")
     tower = lambda m: m.model.vision_tower.state_dict()  # noqa: E731
     assert all(torch.equal(v, tower(again)[k]) for k, v in tower(first).items())
