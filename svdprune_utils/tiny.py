@@ -296,11 +296,12 @@ class Recipe:
     stage1_batch_size: int = 16
     stage1_lr: float = 3e-3
     # stage 2 trains on a pool of rendered scenes whose (frozen) tower features are computed once
-    stage2_images: int = 8_000  # scenes in the pool
+    stage2_images: int = 12_000  # scenes in the pool
     stage2_questions: int = 10  # questions per pooled scene: its own + shapes.extra_turns
     stage2_steps: int = 15_000
     batch_size: int = 32  # stage 2 rows per step: distinct scenes of the pool, one random question each
     stage2_lr: float = 1e-3
+    stage2_schedule: str = "cosine"  # stage-2 lr after warmup: "cosine" (to 0 at the last step) or "constant"
     grounding: float = 1.0  # weight of the grounding loss on two attention heads (see _grounding_loss); 0 = off
     key_word_labels: bool = True  # the answer is also the target at the question's last key word (_key_word_labels)
     warmup_steps: int = 100
@@ -565,8 +566,11 @@ def _write_log(path, log):
         w.writerows(log)
 
 
-def _lr(step, base, warmup):
-    return base * min(1.0, (step + 1) / warmup)
+def _lr(step, base, warmup, total=None):
+    """Linear warmup over ``warmup`` steps, then constant (``total`` None) or cosine decay to 0 at step ``total``."""
+    if step < warmup or total is None:
+        return base * min(1.0, (step + 1) / warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = "auto",
@@ -589,6 +593,8 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     if not 1 <= recipe.batch_size <= recipe.stage2_images:
         raise ValueError(f"stage 2 draws batch_size={recipe.batch_size} distinct scenes per step from a pool of "
                          f"stage2_images={recipe.stage2_images}: need 1 <= batch_size <= stage2_images")
+    if recipe.stage2_schedule not in ("cosine", "constant"):
+        raise ValueError(f"stage2_schedule must be 'cosine' or 'constant', got {recipe.stage2_schedule!r}")
     if recipe.stage2_questions < 1:
         raise ValueError(f"stage2_questions must be >= 1, got {recipe.stage2_questions}")
     dev = auto_device(device)
@@ -620,9 +626,9 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         _write_log(out_dir / "train_log.csv", log)
         return row
 
-    def step_(opt, params, loss, step):
+    def step_(opt, params, loss, step, total=None):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps)
+            g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps, total)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -678,7 +684,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     for step in range(1, recipe.stage2_steps + 1):
         batch = _pool_batch(pool, rng, recipe.batch_size, recipe.key_word_labels, dev)
         loss = _stage2_loss(model, *batch, grounding=recipe.grounding, n_keep=recipe.image_tokens, generator=gen)
-        step_(opt, params, loss, step - 1)
+        step_(opt, params, loss, step - 1, recipe.stage2_steps if recipe.stage2_schedule == "cosine" else None)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
         last = step == recipe.stage2_steps or (time_budget is not None and time.time() - t0 > time_budget)

@@ -167,6 +167,14 @@ def test_feature_pool_and_pool_batches(small_model):
         T.train_tiny("/nonexistent", stage2_images=3, batch_size=4, progress=False)
 
 
+def test_lr_schedule():
+    assert T._lr(0, 1.0, 100) == pytest.approx(0.01) and T._lr(99, 1.0, 100) == T._lr(5000, 1.0, 100) == 1.0
+    cos = [T._lr(s, 1.0, 100, 1100) for s in (0, 99, 100, 600, 1100, 2000)]
+    assert cos == pytest.approx([0.01, 1.0, 1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="stage2_schedule"):
+        T.train_tiny("/nonexistent", stage2_schedule="linear", progress=False)
+
+
 def test_build_is_seeded_without_global_rng():
     torch.manual_seed(5)
     before = torch.rand(1)
