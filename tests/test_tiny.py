@@ -75,7 +75,8 @@ def test_token_dropping_keeps_objects_and_full_sequence_positions(small_model):
     with torch.no_grad():  # all 576 kept: the same loss as the plain forward (RoPE is relative)
         tower = T.vision_features(m, pv)[:, 1:][image]
         full = T._stage2_loss(m, tower, rows, ids, mask, labels, regions)
-        assert torch.equal(full, T._stage2_loss(m, tower, rows, ids, mask, labels, regions, n_keep=576, generator=gen()))
+        assert torch.equal(full, T._stage2_loss(m, tower, rows, ids, mask, labels, regions, n_keep=576, generator=gen(),
+                                                background_weight=True))
         ids3, mask3, lab3, pos3, kept3 = T._thin_image_tokens(ids, mask, labels, rows, img_id, 576, gen())
         feats = m.model.multi_modal_projector(tower)
         same = m(inputs_embeds=T.embed_inputs(m, ids3, feats), attention_mask=mask3, position_ids=pos3,
@@ -165,6 +166,41 @@ def test_feature_pool_and_pool_batches(small_model):
         assert torch.equal(dense4[r], pool["dense"][i].long()) and (labels[r] != -100).sum() == 3  # key word + answer + </s>
     with pytest.raises(ValueError, match="distinct scenes"):
         T.train_tiny("/nonexistent", stage2_images=3, batch_size=4, progress=False)
+
+
+def test_background_mask_stands_each_kept_background_token_for_the_dropped_ones():
+    """16 object patches + 16 of 560 background patches kept: each kept background key gets log(35) added
+    (softmax then equals that over the background repeated 35 times); causal and padding entries are masked."""
+    v = T.vocab()
+    dense = torch.zeros(2, 4, 576, dtype=torch.long)
+    dense[:, 1] = len(S.SHAPES) + 1  # background
+    objects = torch.arange(0, 576, 36)  # 16 covered patches
+    dense[:, 1, objects] = 0
+    ids, mask, labels = T._rows([("what digit is on the card ?", "3"), ("how many circles are there ?", "2")])
+    ids2, mask2, lab2, pos, kept = T._thin_image_tokens(ids, mask, labels, dense, v["<image>"], 32,
+                                                       torch.Generator().manual_seed(0))
+    m4 = T._background_mask(ids2, mask2, dense, kept, v["<image>"])
+    L, low = ids2.shape[1], torch.finfo(torch.float32).min
+    assert m4.shape == (2, 1, L, L)
+    for r in range(2):
+        img = (ids2[r] == v["<image>"]).nonzero().squeeze(1)
+        bg = img[~torch.isin(kept[r], objects)]
+        assert len(bg) == 16
+        last = m4[r, 0, -1]
+        assert torch.allclose(last[bg], torch.full((16,), float(np.log(35.0))))
+        rest = torch.ones(L, dtype=torch.bool)
+        rest[bg] = False
+        real = mask2[r].bool()
+        assert (last[rest & real] == 0).all() and (last[~real] == low).all()  # pads (row 1 is left-padded)
+        q = int(img[0])  # causal: a query sees no later key
+        assert (m4[r, 0, q, q + 1:] == low).all()
+        z = torch.randn(L)
+        p = torch.softmax(z + last, 0)
+        rep = torch.cat([z[rest & real]] + [z[bg]] * 35)
+        p_rep = torch.softmax(rep, 0)
+        assert torch.allclose(p[rest & real], p_rep[:int((rest & real).sum())], atol=1e-6)
+        assert torch.allclose(p[bg] / 35, p_rep[int((rest & real).sum()):][:16], atol=1e-6)
+    assert (~mask2[1].bool()).any()
 
 
 def test_lr_schedule():
