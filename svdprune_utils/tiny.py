@@ -311,7 +311,9 @@ class Recipe:
     # the model answers as well with all 576 (validation runs on 576); 576-token rows with the grounding loss
     # cost ~20x more on 2 cores
     image_tokens: int | None = 32
-    background_weight: bool = True  # thinned rows attend as if all background patches were there (_background_mask)
+    # from this fraction of the stage-2 steps on, thinned rows attend as if all background patches were there
+    # (_background_mask); 1.0 = never. Quadrant is learned without it, count and 576-token answers with it
+    background_weight_from: float = 0.6
     log_every: int = 50  # steps between loss rows in train_log.csv
     eval_every: int = 1_000  # stage-2 steps between validation rows (stage 1: patch accuracy at the end)
     eval_n: int = 180  # validation questions (balanced over the types)
@@ -710,7 +712,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
     for step in range(1, recipe.stage2_steps + 1):
         batch = _pool_batch(pool, rng, recipe.batch_size, recipe.key_word_labels, dev)
         loss = _stage2_loss(model, *batch, grounding=recipe.grounding, n_keep=recipe.image_tokens, generator=gen,
-                            background_weight=recipe.background_weight)
+                            background_weight=step > recipe.background_weight_from * recipe.stage2_steps)
         step_(opt, params, loss, step - 1, recipe.stage2_steps if recipe.stage2_schedule == "cosine" else None)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
