@@ -624,6 +624,9 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                          f"stage2_images={recipe.stage2_images}: need 1 <= batch_size <= stage2_images")
     if recipe.stage2_schedule not in ("cosine", "constant"):
         raise ValueError(f"stage2_schedule must be 'cosine' or 'constant', got {recipe.stage2_schedule!r}")
+    if not 0.0 <= recipe.background_weight_from <= 1.0:
+        raise ValueError(f"background_weight_from is a fraction of the stage-2 steps in [0, 1], got "
+                         f"{recipe.background_weight_from}")
     if recipe.stage2_questions < 1:
         raise ValueError(f"stage2_questions must be >= 1, got {recipe.stage2_questions}")
     dev = auto_device(device)

@@ -209,6 +209,8 @@ def test_lr_schedule():
     assert cos == pytest.approx([0.01, 1.0, 1.0, 0.5, 0.0, 0.0], abs=1e-12)
     with pytest.raises(ValueError, match="stage2_schedule"):
         T.train_tiny("/nonexistent", stage2_schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="background_weight_from"):
+        T.train_tiny("/nonexistent", background_weight_from=1.5, progress=False)
 
 
 def test_build_is_seeded_without_global_rng():
