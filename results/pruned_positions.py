@@ -13,7 +13,7 @@ from svdprune_utils import tiny as T, shapes as S
 torch.set_num_threads(2)
 m, _ = T.load_tiny(); m.set_attn_implementation('eager')
 ds = S.ShapesVQA('test', n=240, seed=0); enc = T._Encoded(ds)
-v = T.vocab(); img_id = v['<image>']
+v = T.vocab(); img_id = v['<image>']; inv = {i: w for w, i in v.items()}
 res = {}
 with torch.no_grad():
     for b in range(0, 240, 48):
@@ -21,25 +21,17 @@ with torch.no_grad():
         X = T.vision_features(m, pv)[:, 1:]
         feats = m.model.multi_modal_projector(X)
         ids, mask = T.encode_ids([q[0][0] for q in qas])
+        qtypes = [ds[b + j]['qtype'] for j in range(len(qas))]
         for K in (128, 64, 16):
             kept = torch.stack([sp.select_tokens(X[i], K, 'svd') for i in range(len(X))])
-            is_img = ids == img_id
-            keep = ~is_img
-            km = torch.zeros(len(X), 576, dtype=torch.bool).scatter_(1, kept, True)
-            keep[is_img] = km.reshape(-1)
-            L = int(keep[0].sum())
-            pick = lambda t: t[keep].reshape(len(X), L)
-            i2, m2 = pick(ids), pick(mask)
-            posfull = pick((mask.long().cumsum(1) - 1).clamp_min(0))
+            i2, m2, posfull = T._keep_image_tokens(ids, mask, kept, img_id)
             f = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
             emb = T.embed_inputs(m, i2, f)
             for name, pos, am in (('compact', None, m2), ('fullpos', posfull, m2),
                                   ('fullpos+bgw', posfull, T._background_mask(i2, m2, dense, kept, img_id))):
                 lg = m(inputs_embeds=emb, attention_mask=am, position_ids=pos).logits[:, -1]
-                inv = {i: w for w, i in v.items()}
                 for j, p in enumerate(lg.argmax(-1)):
-                    qt = ds[b + j]['qtype']
-                    res.setdefault((K, name, qt), []).append(inv[int(p)] == qas[j][0][1])
+                    res.setdefault((K, name, qtypes[j]), []).append(inv[int(p)] == qas[j][0][1])
 import pandas as pd
 rows = [dict(K=k, mode=n, qtype=q, acc=np.mean(h)) for (k, n, q), h in res.items()]
 t = pd.DataFrame(rows).pivot_table(index=['K', 'mode'], columns='qtype', values='acc')

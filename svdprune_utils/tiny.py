@@ -442,22 +442,31 @@ def stage1_accuracy(model, heads, batch) -> dict[str, float]:
                 digit=hit[2][card].float().mean().item(), quadrant=hit[4][obj].float().mean().item())
 
 
-def _thin_image_tokens(ids, mask, labels, dense, image_token_id, n_keep, generator):
-    """Training-time token dropping (stage 2): keep every patch an object or the card covers and
-    random background patches up to ``n_keep`` image tokens per row, drop the other placeholders,
-    and give every kept token the position it has in the full sequence, so RoPE distances are those
-    of a 576-token prompt. Returns (ids, mask, labels, position_ids, kept patch indices (B, n_keep))."""
-    B, N = dense.shape[0], dense.shape[-1]
-    noise = torch.rand(B, N, generator=generator).to(dense.device)
-    kept = (noise + 2.0 * _covered(dense).float()).topk(n_keep, dim=1).indices.sort(dim=1).values
+def _keep_image_tokens(ids, mask, kept, image_token_id, *extra):
+    """Rows of left-padded one-image prompts with only the image placeholders of the patches ``kept``
+    ((B, K) ascending patch indices; every row keeps K), every token at the position it has in the full
+    sequence (so RoPE distances are those of the 576-token prompt). Returns (ids, mask, position_ids,
+    *extra), each (B, L - 576 + K); ``extra`` are (B, L) tensors cut the same way (e.g. labels)."""
+    B, N = kept.shape[0], int((ids[0] == image_token_id).sum())
     is_img = ids == image_token_id
     keep_img = torch.zeros(B, N, dtype=torch.bool, device=ids.device).scatter_(1, kept, True)
     keep = ~is_img
     keep[is_img] = keep_img.reshape(-1)  # placeholders are the N patches in raster order
     pos = (mask.long().cumsum(1) - 1).clamp_min(0)
     S_ = int(keep[0].sum())
-    pick = lambda t: t[keep].reshape(B, S_)  # noqa: E731 (every row keeps the same number)
-    return pick(ids), pick(mask), pick(labels), pick(pos), kept
+    return tuple(t[keep].reshape(B, S_) for t in (ids, mask, pos, *extra))
+
+
+def _thin_image_tokens(ids, mask, labels, dense, image_token_id, n_keep, generator):
+    """Training-time token dropping (stage 2): keep every patch an object or the card covers and
+    random background patches up to ``n_keep`` image tokens per row, drop the other placeholders,
+    and give every kept token the position it has in the full sequence (``_keep_image_tokens``).
+    Returns (ids, mask, labels, position_ids, kept patch indices (B, n_keep))."""
+    B, N = dense.shape[0], dense.shape[-1]
+    noise = torch.rand(B, N, generator=generator).to(dense.device)
+    kept = (noise + 2.0 * _covered(dense).float()).topk(n_keep, dim=1).indices.sort(dim=1).values
+    ids, mask, pos, labels = _keep_image_tokens(ids, mask, kept, image_token_id, labels)
+    return ids, mask, labels, pos, kept
 
 
 def _grounding_loss(attentions, ids, dense, regions, kept, image_token_id) -> torch.Tensor:
@@ -512,12 +521,11 @@ def _background_mask(ids, mask, dense, kept, image_token_id, dtype=torch.float32
     without it, the model attends to a background 17x larger at 576 tokens than in training and loses
     count, digit and colour answers it gives on 32 (data/README.md)."""
     R, L = ids.shape
+    kept_bg = ~_covered(dense.gather(2, kept[:, None].expand(-1, dense.shape[1], -1)))  # (R, K)
     bg_full = (~_covered(dense)).sum(1)  # (R,)
-    bg_kept = (~_covered(dense.gather(2, kept[:, None].expand(-1, dense.shape[1], -1)))).sum(1)
-    w = torch.log(bg_full.clamp_min(1).float() / bg_kept.clamp_min(1).float())  # (R,)
+    w = torch.log(bg_full.clamp_min(1).float() / kept_bg.sum(1).clamp_min(1).float())  # (R,)
     is_bg = torch.zeros(R, L, dtype=torch.bool, device=ids.device)
-    img = ids == image_token_id
-    is_bg[img] = (~_covered(dense.gather(2, kept[:, None].expand(-1, dense.shape[1], -1)))).reshape(-1)
+    is_bg[ids == image_token_id] = kept_bg.reshape(-1)
     allowed = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()[None] & mask.bool()[:, None, :]
     out = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
     out = out + (is_bg.to(dtype) * w[:, None])[:, None, :] * allowed
