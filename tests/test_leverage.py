@@ -97,6 +97,12 @@ def test_bad_rank_raises(bad):
         leverage_scores(clip_like(20, 10), rank=bad)
 
 
+def test_rank_has_no_default():
+    # notebook 04: no budget-free rank selects well (energy 0.9 keeps the background), so callers choose
+    with pytest.raises(TypeError, match="rank"):
+        leverage_scores(clip_like(20, 10))
+
+
 def test_center_equals_scores_of_centered_matrix():
     X = clip_like(70, 30, seed=5) + 3.0
     np.testing.assert_allclose(
