@@ -8,8 +8,9 @@ random weights: speed and memory only, answers meaningless; nothing is downloade
 keeps only the first N decoder layers (full width) where the whole model does not fit (a CPU laptop):
 the FLOPs model then uses the same truncated config, and the vision tower's fixed cost weighs more. The table comes
 from ``svdprune_utils.efficiency.prefill_table``: for every budget and method the model is patched
-with ``patch_llava`` and one prefill (a forward with the KV cache on, image included) is timed (median
-of ``--repeats`` after a warm-up), next to the decoder-FLOPs ratio to the unpruned prefill and the
+with ``patch_llava`` and one prefill (a forward with the KV cache on, image included) is timed, in
+interleaved rounds (a warm-up round, then ``--repeats`` rounds over every configuration; median per
+configuration), next to the decoder-FLOPs ratio to the unpruned prefill and the
 time of ``select_tokens`` alone on one image's features on the device.
 Prints a markdown table; ``--out`` also writes it (and a CSV next to it).
 """

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "text_config", "prefill_flops", "kv_cache_bytes", "measure_prefill", "measure_generate", "synchronize",
-    "selection_time", "prefill_table",
+    "text_config", "prefill_flops", "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
+    "synchronize", "selection_time", "prefill_table",
 ]
 
 
@@ -88,6 +88,27 @@ def kv_cache_bytes(
     per_token_layer = 2 * d_kv * torch.empty((), dtype=dtype).element_size()
     after = n_tokens if n_after is None else n_after
     return per_token_layer * (prune_layer * n_tokens + (L - prune_layer) * after)
+
+
+@torch.inference_mode()
+def cache_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Bytes the key/value cache actually holds after one prefill of ``inputs`` (patched or not).
+
+    Sums the keys and values of every layer of the returned cache — the measured counterpart of
+    :func:`kv_cache_bytes`.
+    """
+    out = model(**inputs, use_cache=True)
+    keys = out.keys() if hasattr(out, "keys") else ()
+    cache = out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise ValueError(f"the model returned no per-layer KV cache (got {type(cache).__name__})")
+    total = 0
+    for layer in layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -200,19 +221,23 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
                   overhead_budget: int = 64, progress: bool = True):
     """Measured prefill latency per (method, budget) next to the FLOPs model, as a DataFrame.
 
-    ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). For each
-    pair the model is patched (:func:`~svdprune_utils.llava.patch_llava`), the prefill timed
-    (:func:`measure_prefill`), and unpatched. Columns: method, budget (tokens kept), prefill_ms,
-    latency_ratio (to the unpruned prefill), flops_ratio (decoder FLOPs, same ratio), speedup_vs_flops
-    (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is fully realised), kv_cache_bytes
-    (model dtype), selection_ms (selection alone at ``overhead_budget``, on the model's device) and
-    selection_pct (of the pruned prefill at that budget).
+    ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). The
+    configurations are timed in interleaved rounds — one warm-up round, then ``repeats`` rounds in which
+    every (method, budget) runs one prefill, patched with :func:`~svdprune_utils.llava.patch_llava` and
+    unpatched around it — so a slow drift of the machine (another process, clock changes) hits every
+    configuration alike; each gets the median of its rounds (CUDA events on a GPU). Columns: method,
+    budget (tokens kept), prefill_ms, latency_ratio (to the unpruned prefill), flops_ratio (decoder
+    FLOPs, same ratio), speedup_vs_flops (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is
+    fully realised), kv_cache_bytes (model dtype), selection_ms (selection alone at ``overhead_budget``,
+    on the model's device) and selection_pct (of the pruned prefill at that budget).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     from .llava import patch_llava, unpatch_llava
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     cfg = model.config
     ids = inputs["input_ids"]
     if ids.shape[0] != 1:
@@ -221,29 +246,34 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     n_text = ids.shape[1] - n_img
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
-    base = None
-    rows = []
-    jobs = [(m, int(b)) for m in methods for b in sorted(set(budgets), reverse=True)]
-    for method, budget in tqdm(jobs, desc="prefill", disable=not progress):
+    jobs = [(m, min(int(b), n_img)) for m in methods for b in sorted(set(budgets), reverse=True)]
+    jobs = list(dict.fromkeys(jobs))
+    base_job = next((j for j in jobs if j[1] == n_img), None)
+    timed = jobs if base_job is not None else jobs + [("svd", n_img)]  # no unpruned run asked for: add one
+    base_job = base_job or ("svd", n_img)
+
+    def once(method, budget):
         patch_llava(model, method=method, budget=budget, fastv_layer=fastv_layer)
         try:
-            t = measure_prefill(model, inputs, repeats=repeats, warmup=1)["median_s"]
+            return _time(lambda: model(**inputs, use_cache=True), device, 1, 0)[0]
         finally:
             unpatch_llava(model)
-        k = min(budget, n_img)
+
+    times: dict = {j: [] for j in timed}
+    with torch.inference_mode():
+        for r in tqdm(range(repeats + 1), desc="prefill rounds", disable=not progress):
+            for job in timed:
+                t = once(*job)
+                if r:  # round 0 is the warm-up
+                    times[job].append(t)
+    base = statistics.median(times[base_job])
+    rows = []
+    for method, k in jobs:
         fastv = dict(n_after=n_text + k, prune_layer=fastv_layer) if method == "fastv" else {}
         n0 = n_text + (n_img if fastv else k)
-        rows.append({"method": method, "budget": k, "prefill_ms": 1e3 * t,
+        rows.append({"method": method, "budget": k, "prefill_ms": 1e3 * statistics.median(times[method, k]),
                      "flops_ratio": prefill_flops(cfg, n0, **fastv) / prefill_flops(cfg, n_text + n_img),
                      "kv_cache_bytes": kv_cache_bytes(cfg, n0, dtype, **fastv)})
-        if k == n_img and base is None:
-            base = t
-    if base is None:  # no unpruned run asked for: measure one
-        patch_llava(model, method="svd", budget=n_img)
-        try:
-            base = measure_prefill(model, inputs, repeats=repeats, warmup=1)["median_s"]
-        finally:
-            unpatch_llava(model)
     df = pd.DataFrame(rows)
     df["latency_ratio"] = df["prefill_ms"] / (1e3 * base)
     df["speedup_vs_flops"] = df["flops_ratio"] / df["latency_ratio"]

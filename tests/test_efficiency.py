@@ -90,3 +90,49 @@ def test_measure_generate_on_a_tiny_llava():
     assert np.isnan(out["peak_mem_bytes"])  # CPU: not measured
     with pytest.raises(ValueError):
         measure_generate(model, inputs, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("method, budget", [("svd", 576), ("svd", 64), ("random", 16), ("fastv", 32)])
+def test_measured_cache_matches_the_kv_formula(method, budget):
+    from svdprune_utils import tiny
+    from svdprune_utils.efficiency import cache_bytes
+    from svdprune_utils.llava import patch_llava, unpatch_llava
+
+    model = tiny.build_model(seed=0).eval()
+    ids, mask = tiny.encode_ids(["what color is the circle ?"])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.zeros(1, 3, 336, 336)}
+    n_img = int((ids == model.config.image_token_id).sum())
+    n_text = ids.shape[1] - n_img
+    patch_llava(model, method=method, budget=budget, fastv_layer=1)
+    try:
+        measured = cache_bytes(model, inputs)
+    finally:
+        unpatch_llava(model)
+    if method == "fastv" and budget < n_img:  # layer 0 holds every token, the later layers the kept ones
+        expected = kv_cache_bytes(model.config, n_text + n_img, torch.float32, n_after=n_text + budget, prune_layer=1)
+    else:
+        expected = kv_cache_bytes(model.config, n_text + min(budget, n_img), torch.float32)
+    assert measured == expected
+    with pytest.raises(ValueError, match="KV cache"):
+        cache_bytes(lambda_model(torch.nn.Linear(4, 4)), {"x": torch.ones(1, 4)})
+
+
+def test_prefill_table_adds_the_unpruned_baseline_and_follows_the_flops_model():
+    from svdprune_utils import tiny
+    from svdprune_utils.efficiency import prefill_table
+
+    model = tiny.build_model(seed=0).eval()
+    ids, mask = tiny.encode_ids(["what color is the circle ?"])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.zeros(1, 3, 336, 336)}
+    df = prefill_table(model, inputs, ["svd", "fastv"], [64, 16, 64], repeats=2, fastv_layer=1,
+                       overhead_budget=16, progress=False)
+    assert list(zip(df.method, df.budget)) == [("svd", 64), ("svd", 16), ("fastv", 64), ("fastv", 16)]
+    assert (df["prefill_ms"] > 0).all() and (df["latency_ratio"] > 0).all()
+    n_text = ids.shape[1] - 576
+    svd16 = df.set_index(["method", "budget"]).loc[("svd", 16)]
+    assert svd16["flops_ratio"] == prefill_flops(model.config, n_text + 16) / prefill_flops(model.config, n_text + 576)
+    np.testing.assert_allclose(df["speedup_vs_flops"], df["flops_ratio"] / df["latency_ratio"])
+    with pytest.raises(ValueError, match="repeats"):
+        prefill_table(model, inputs, ["svd"], [16], repeats=0)
+    with pytest.raises(ValueError, match="one prompt"):
+        prefill_table(model, {**inputs, "input_ids": ids.repeat(2, 1)}, ["svd"], [16])
