@@ -307,6 +307,9 @@ def evaluate_cached(model, processor, cache: FeatureCache, configs: Mapping[str,
     if not configs or not budgets:
         raise ValueError("configs and budgets must not be empty")
     samples = list(range(len(cache))) if samples is None else [int(i) for i in samples]
+    bad = [i for i in samples if not 0 <= i < len(cache)]
+    if bad:
+        raise ValueError(f"samples must index the {len(cache)} cached questions; got {bad[:5]}")
     ref = cache.feature("vision")
     rows_t = torch.as_tensor(samples, device=ref.device)
     ref = ref[rows_t]

@@ -73,6 +73,12 @@ def test_select_cached_is_select_tokens_on_the_cached_features(setup):
         select_cached(cache, {"method": "fastv"}, 16)
 
 
+def test_evaluate_cached_rejects_samples_outside_the_cache(setup):
+    model, processor, _, cache = setup
+    with pytest.raises(ValueError, match=f"index the {N_SAMPLES} cached questions"):
+        evaluate_cached(model, processor, cache, {"c": {"method": "svd"}}, [16], samples=[0, N_SAMPLES])
+
+
 def test_residuals_match_the_metrics(setup):
     _, _, _, cache = setup
     X = cache.feature("vision")
