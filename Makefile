@@ -24,15 +24,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-# One pytest run: unit/property/integration tests, then strict nbval over every notebook.
+# One pytest run: unit/property/integration tests, then strict nbval over every notebook. The notebooks'
+# figures go to .pytest_cache/ here (figures/ holds the committed ones; make reproduce rewrites those).
+NBVAL_FIGURES := SVDPRUNE_FIGURES=$(CURDIR)/.pytest_cache/nbval/figures
 test: $(STAMP)
-	$(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg tests $(NOTEBOOKS)
+	$(NBVAL_FIGURES) $(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg tests $(NOTEBOOKS)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
 nbval: $(STAMP)
-	$(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
+	$(NBVAL_FIGURES) $(PY) -m pytest -q --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
 # Executes copies of the notebooks (the committed ones are not modified); figures land in figures/.
 reproduce: $(STAMP)
