@@ -23,7 +23,7 @@ with torch.no_grad():
         ids, mask = T.encode_ids([q[0][0] for q in qas])
         qtypes = [ds[b + j]['qtype'] for j in range(len(qas))]
         for K in (128, 64, 16):
-            kept = torch.stack([sp.select_tokens(X[i], K, 'svd') for i in range(len(X))])
+            kept = sp.select_tokens(X, K, 'svd')
             i2, m2, posfull = T._keep_image_tokens(ids, mask, kept, img_id)
             f = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
             emb = T.embed_inputs(m, i2, f)

@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "text_config", "prefill_flops", "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
-    "synchronize", "selection_time", "prefill_table",
+    "synchronize", "time_call", "selection_time", "prefill_table",
 ]
 
 
@@ -121,7 +121,10 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA events on a GPU,
+    ``perf_counter`` on the CPU)."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     times = []
@@ -149,7 +152,7 @@ def measure_prefill(model: torch.nn.Module, inputs: dict, repeats: int = 5, warm
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = _device_of(model)
-    times = _time(lambda: model(**inputs, use_cache=True), device, repeats, warmup)
+    times = time_call(lambda: model(**inputs, use_cache=True), device, repeats, warmup)
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
@@ -214,7 +217,7 @@ def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repea
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, d, generator=g).to(device)
     signals = {"attention": torch.rand(n, generator=g).to(device)} if method in ("cls_attention", "fastv") else {}
-    return statistics.median(_time(lambda: select_tokens(feats, budget, method, **signals), device, repeats, 1))
+    return statistics.median(time_call(lambda: select_tokens(feats, budget, method, **signals), device, repeats, 1))
 
 
 def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv_layer: int = 2,
@@ -248,14 +251,13 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     dtype = next(model.parameters()).dtype
     jobs = [(m, min(int(b), n_img)) for m in methods for b in sorted(set(budgets), reverse=True)]
     jobs = list(dict.fromkeys(jobs))
-    base_job = next((j for j in jobs if j[1] == n_img), None)
-    timed = jobs if base_job is not None else jobs + [("svd", n_img)]  # no unpruned run asked for: add one
-    base_job = base_job or ("svd", n_img)
+    base_job = next((j for j in jobs if j[1] == n_img), ("svd", n_img))
+    timed = jobs if base_job in jobs else jobs + [base_job]  # no unpruned run asked for: add one
 
     def once(method, budget):
         patch_llava(model, method=method, budget=budget, fastv_layer=fastv_layer)
         try:
-            return _time(lambda: model(**inputs, use_cache=True), device, 1, 0)[0]
+            return time_call(lambda: model(**inputs, use_cache=True), device, 1, 0)[0]
         finally:
             unpatch_llava(model)
 

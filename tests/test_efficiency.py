@@ -136,3 +136,11 @@ def test_prefill_table_adds_the_unpruned_baseline_and_follows_the_flops_model():
         prefill_table(model, inputs, ["svd"], [16], repeats=0)
     with pytest.raises(ValueError, match="one prompt"):
         prefill_table(model, {**inputs, "input_ids": ids.repeat(2, 1)}, ["svd"], [16])
+
+
+def test_time_call_runs_warmup_then_timed_calls():
+    from svdprune_utils.efficiency import time_call
+
+    calls = []
+    times = time_call(lambda: calls.append(1), "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
