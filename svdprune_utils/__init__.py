@@ -44,13 +44,15 @@ from . import plotting, toy  # noqa: E402
 __all__ += ["toy", "plotting"]
 
 # LLaVA pruning, loaded on first use (importing transformers takes seconds): svdprune_utils.patch_llava(...)
-_LAZY_LLAVA = ("patch_llava", "unpatch_llava", "capture_attention", "AttentionMaps", "PruneState")
-__all__ += list(_LAZY_LLAVA)
+_LAZY = {"patch_llava": "llava", "unpatch_llava": "llava", "prune_inputs": "llava", "Pruned": "llava",
+         "PruneState": "llava", "capture_attention": "attention", "AttentionMaps": "attention",
+         "keep_image_tokens": "inputs"}
+__all__ += list(_LAZY)
 
 
 def __getattr__(name):
-    if name in _LAZY_LLAVA:
-        from . import llava
+    if name in _LAZY:
+        import importlib
 
-        return getattr(llava, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,9 +5,9 @@ the selection signals do not depend on the budget. Here :func:`encode` calls ``g
 once per image (the call the patch wraps) and caches, in a :class:`FeatureCache`, the patch features of
 the requested tower layers, the projected features, the CLS→patch attention at the feature layer, the
 tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then selects with
-``select_tokens`` on the cached features and answers greedily with ``generate`` on ``inputs_embeds``
-built as the patched ``generate`` builds them (placeholder run cut to its first K, left padding, kept
-projected features in raster order), so the answers are the faithful path's (``tests/test_ablation.py``).
+``select_tokens`` on the cached features and answers greedily with ``generate`` on the inputs the patched
+``generate`` builds, by the same apply step (:func:`svdprune_utils.inputs.keep_image_tokens`, kept projected
+features as ``mm_encoder_outputs``), so the answers are the faithful path's (``tests/test_ablation.py``).
 FastV, which prunes inside the language model, runs the fastv-patched model with the cached projected
 features passed as ``mm_encoder_outputs`` (:func:`answer_fastv`). Answers are memoised per (sample,
 kept set): configurations that keep the same tokens share one language-model run.
@@ -30,7 +30,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .evaluate import LLAVA_PROMPT, _answers, vqa_score
-from .llava import _feature_layer, _strategy, _vision_attention_hook
+from .attention import vision_attention_hook
+from .inputs import keep_image_tokens, kept_features
 from .selectors import score_tokens, select_tokens, top_k
 
 __all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
@@ -108,10 +109,10 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     if n <= 0:
         raise ValueError("the dataset is empty (or limit <= 0)")
-    layer = _feature_layer(model)
+    layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise NotImplementedError("encode needs a single int vision_feature_layer")
-    strategy = _strategy(model)
+    strategy = model.config.vision_feature_select_strategy
     n_layers = model.config.vision_config.num_hidden_layers + 1
     keep = sorted({_negative(i, n_layers) for i in (layer, *layers)}, reverse=True)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -123,7 +124,7 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
                            text=[prompt.format(question=it["question"]) for it in items],
                            return_tensors="pt", padding=True, padding_side="left")
         box = {}
-        handle = _vision_attention_hook(model, layer, box) if attention else None
+        handle = vision_attention_hook(model, layer, box) if attention else None
         try:
             out = model.model.get_image_features(pixel_values=inputs["pixel_values"].to(device, dtype),
                                                  vision_feature_layer=layer,
@@ -187,32 +188,29 @@ def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
 def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int], kept: torch.Tensor, *,
                   max_new_tokens: int = 4, batch_size: int = 16) -> list[str]:
     """Greedy answers of ``samples`` when each keeps the tokens ``kept`` (len(samples), K) — the inputs
-    the patched ``generate`` builds: placeholders cut to K, padding on the left, K kept projected
-    features in raster order. Memoised in ``cache.memo``."""
+    the patched ``generate`` builds, by the same function (:func:`svdprune_utils.inputs.keep_image_tokens`:
+    placeholders cut to K, padding on the left; the K kept projected features as ``mm_encoder_outputs``).
+    Memoised in ``cache.memo``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     image_id = model.config.image_token_id
     pad = model.generation_config.pad_token_id
     pad = 0 if pad is None else pad
     proj = cache.features["projected"]
-    K = kept.shape[1]
+    N, K = proj.shape[1], kept.shape[1]
     keys = [(int(i), K, kept[j].cpu().numpy().tobytes()) for j, i in enumerate(samples)]
     todo = [j for j, key in enumerate(keys) if key not in cache.memo]
-    emb_layer = model.get_input_embeddings()
     for s in range(0, len(todo), batch_size):
         part = todo[s:s + batch_size]
-        rows = []
-        for j in part:
-            ids = cache.prompts[samples[j]]
-            pos = (ids == image_id).nonzero().flatten()
-            drop = torch.zeros_like(ids, dtype=torch.bool)
-            drop[pos[K:]] = True  # one image per prompt: keep the first K placeholders
-            rows.append(ids[~drop])
-        ids, mask = _left_pad(rows, pad, proj.device)
-        idx = kept[part].to(proj.device)
-        sel = proj[torch.as_tensor([samples[j] for j in part], device=proj.device)[:, None], idx]  # (b, K, d)
-        emb = emb_layer(ids)
-        emb = emb.masked_scatter((ids == image_id).unsqueeze(-1).expand_as(emb), sel.to(emb.dtype))
-        out = model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
-        for j, text in zip(part, processor.batch_decode(out, skip_special_tokens=True)):
+        ids, mask = _left_pad([cache.prompts[samples[j]] for j in part], pad, proj.device)
+        rows = kept[part].to(proj.device)
+        x = keep_image_tokens({"input_ids": ids, "attention_mask": mask}, rows, image_mask=ids == image_id,
+                              tokens_per_image=N, pad_token_id=pad)
+        images = BaseModelOutputWithPooling(pooler_output=kept_features([proj[samples[j]] for j in part], rows))
+        out = model.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                             mm_encoder_outputs={"image": images}, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = processor.batch_decode(out[:, x["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, text in zip(part, texts):
             cache.memo[keys[j]] = text.strip()
     return [cache.memo[key] for key in keys]
 
@@ -226,9 +224,9 @@ def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], 
     ``fastv_layer``, default min(2, LLM layers − 1)). Returns (answers, kept (len(samples), K)); memoised."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from .llava import _lm_layers, patch_llava, unpatch_llava
+    from .llava import patch_llava, unpatch_llava
 
-    layer = min(2, len(_lm_layers(model)) - 1) if fastv_layer is None else int(fastv_layer)
+    layer = min(2, len(model.model.language_model.layers) - 1) if fastv_layer is None else int(fastv_layer)
     proj = cache.features["projected"]
     N = proj.shape[1]
     if budget >= N:  # nothing pruned: the same run as any method at full budget

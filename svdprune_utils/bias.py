@@ -167,7 +167,7 @@ def collect_scores(model, processor, dataset, *, limit: int | None = None, layer
     feature layer), "norm" (‖x_i‖ of the vision-feature-layer patch features), "svd@k" (rank-k
     leverage of those features) for k in ``ranks``, "random" (uniform noise from ``seed``).
     """
-    from .llava import capture_attention
+    from .attention import capture_attention
 
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     layer = layer % len(model.model.language_model.layers)

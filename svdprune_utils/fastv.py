@@ -30,22 +30,31 @@ from dataclasses import dataclass, field
 
 import torch
 
+from transformers.cache_utils import DynamicCache
+
 from .selectors import select_tokens
 
-__all__ = ["FastVCall", "decoder_attention", "fastv_pre_hook"]
+__all__ = ["FastVCall", "decoder_attention", "fastv_pre_hook", "fastv_forward"]
 
 
 @dataclass
 class FastVCall:
-    """What one forward of the language model needs to know (set by the patched LLaVA ``forward``).
+    """What one forward of the language model needs to know (set by :func:`fastv_forward`).
 
-    image_mask: (B, S) True at the image placeholders of this call's ``input_ids`` (None: unknown).
-    past: tokens already in layer 0's KV cache before the call; length: S, tokens in this call.
+    image_mask: (B, S) True at the image placeholders of this call's sequence (None: none);
+    last: (B,) index of each row's last real token in this call (right padding: not S - 1);
+    past: tokens already in layer 0's KV cache before the call; length: S, tokens in this call;
+    sel/P: kept prompt rows (B, P') in the full index space and the prompt length P they were chosen on —
+    chosen at layer K−1 of a prompt call, or taken from the cache being continued.
     """
 
     image_mask: torch.Tensor | None
+    last: torch.Tensor | None
     past: int
     length: int
+    sel: torch.Tensor | None = None
+    P: int = 0
+    chosen: bool = False
     memo: dict = field(default_factory=dict)
 
 
@@ -54,8 +63,8 @@ def decoder_attention(layer, hidden, position_embeddings, attention_mask=None, q
 
     hidden: (B, S, D) the layer's input (before ``input_layernorm``); position_embeddings: (cos, sin)
     each (B or 1, S, head_dim); attention_mask: the 4-D mask the layer receives ((B or 1, 1, S, S),
-    bool "may attend" or additive float) or None (plain causal); queries: LongTensor (Q,) of query
-    rows (None: all S). No KV cache: the keys are the S tokens of ``hidden``.
+    bool "may attend" or additive float) or None (plain causal); queries: LongTensor of query rows,
+    (Q,) for every row or (B, Q) per row (None: all S). No KV cache: the keys are the S tokens of ``hidden``.
     Returns fp32 (B, heads, Q, S); each row sums to 1.
     """
     attn = layer.self_attn
@@ -63,30 +72,34 @@ def decoder_attention(layer, hidden, position_embeddings, attention_mask=None, q
     B, S, _ = h.shape
     hd = attn.head_dim
     qpos = torch.arange(S, device=h.device) if queries is None else torch.as_tensor(queries, device=h.device)
-    q = attn.q_proj(h[:, qpos]).view(B, len(qpos), -1, hd).transpose(1, 2)
+    qpos = qpos.expand(B, -1) if qpos.ndim == 1 else qpos  # (B, Q)
+    Q = qpos.shape[1]
+    take = lambda t: t.expand(B, *t.shape[1:]).gather(1, qpos[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    q = attn.q_proj(take(h)).view(B, Q, -1, hd).transpose(1, 2)
     k = attn.k_proj(h).view(B, S, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms; Llama has none
         q, k = attn.q_norm(q), attn.k_norm(k)
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary helper
     cos, sin = position_embeddings
-    q, _ = rope(q, q, cos[:, qpos], sin[:, qpos])
+    q, _ = rope(q, q, take(cos), take(sin))
     _, k = rope(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: same head order as repeat_kv
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
     low = torch.finfo(torch.float32).min
     if attention_mask is None:
-        allowed = torch.arange(S, device=h.device)[None, :] <= qpos[:, None]
-        scores = scores.masked_fill(~allowed, low)
+        allowed = torch.arange(S, device=h.device)[None, None, :] <= qpos[:, :, None]  # (B, Q, S)
+        scores = scores.masked_fill(~allowed[:, None], low)
     else:
-        m = attention_mask[:, :, qpos, :S]
+        m = attention_mask[..., :S].expand(B, -1, -1, -1)
+        m = m.gather(2, qpos[:, None, :, None].expand(-1, m.shape[1], -1, S))
         scores = scores.masked_fill(~m, low) if m.dtype == torch.bool else scores + m.float()
     return torch.softmax(scores, dim=-1)
 
 
 def _select(state, call: FastVCall, layer, hidden, kwargs) -> None:
-    """At layer K−1 of a prompt call: choose the kept image tokens and store the kept rows."""
+    """At layer K−1 of a prompt call: choose the kept image tokens and store the kept rows in ``call``."""
     mask = call.image_mask
-    n = state._tokens_per_image
+    n = state._n
     if mask is None or not bool(mask.any()):
         return
     B, S, D = hidden.shape
@@ -98,29 +111,31 @@ def _select(state, call: FastVCall, layer, hidden, kwargs) -> None:
         )
     G = int(counts[0]) // n  # images per row
     img_pos = mask.nonzero()[:, 1].view(B * G, n)  # row-major: ascending positions, image by image
-    if state.budget >= n:
-        state.kept_indices = torch.arange(n, device=hidden.device).expand(B * G, -1).clone()
-        return
-    last = torch.tensor([S - 1], device=hidden.device)
-    probs = decoder_attention(layer, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), last)
-    score = probs.mean(1)[:, 0]  # (B, S) last prompt token -> every token, heads averaged
-    attention = score.gather(1, img_pos.view(B, -1)).view(B * G, n)
-    feats = hidden.gather(1, img_pos.view(B, -1, 1).expand(-1, -1, D)).view(B * G, n, D)
-    idx = select_tokens(feats, state.budget, method="fastv", attention=attention)  # (B*G, K)
+    if state.kept is not None:
+        if tuple(state.kept.shape[:1]) != (B * G,):
+            raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {B * G}")
+        idx = state.kept.long().to(hidden.device)
+    else:
+        probs = decoder_attention(layer, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"),
+                                  call.last[:, None])
+        score = probs.mean(1)[:, 0]  # (B, S) each row's last real token -> every token, heads averaged
+        attention = score.gather(1, img_pos.view(B, -1)).view(B * G, n)
+        feats = hidden.gather(1, img_pos.view(B, -1, 1).expand(-1, -1, D)).view(B * G, n, D)
+        idx = select_tokens(feats, state.budget, method="fastv", attention=attention)  # (B*G, K)
     kept = img_pos.gather(1, idx).view(B, -1)
     text = (~mask).nonzero()[:, 1].view(B, S - G * n)
-    state._fastv_sel = torch.sort(torch.cat([text, kept], dim=1), dim=1).values  # (B, P')
-    state._fastv_len = S
+    call.sel = torch.sort(torch.cat([text, kept], dim=1), dim=1).values  # (B, P')
+    call.P, call.chosen = S, True
     state.kept_indices = idx
 
 
-def _plan(state, call: FastVCall):
+def _plan(call: FastVCall):
     """Kept query rows (None: all) and kept key columns (B, ·) of this call, in the full index space."""
     if "plan" not in call.memo:
-        sel, P = state._fastv_sel, state._fastv_len
+        sel, P = call.sel, call.P
         total = call.past + call.length
         if call.past == 0 and call.length < P or 0 < call.past < P:
-            raise NotImplementedError("fastv: chunked prefill / a call covering part of the prompt is not supported")
+            raise NotImplementedError("fastv: a call covering part of the prompt (chunked prefill) is not supported")
         extra = torch.arange(P, total, device=sel.device).expand(sel.shape[0], -1)
         cols = torch.cat([sel, extra], dim=1)
         call.memo["plan"] = (cols if call.past == 0 else None, cols)
@@ -153,11 +168,11 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
         return None
     K = state.fastv_layer
     hidden = args[0] if args else kwargs["hidden_states"]
-    if layer_idx == K - 1 and call.past == 0 and state._fastv_sel is None:
+    if layer_idx == K - 1 and call.past == 0 and call.sel is None:
         _select(state, call, module, hidden, kwargs)
-    if layer_idx < K or state._fastv_sel is None:
+    if layer_idx < K or call.sel is None:
         return None
-    rows, cols = _plan(state, call)
+    rows, cols = _plan(call)
     if layer_idx == K and rows is not None:
         hidden = _gather_rows(hidden, rows)
     kwargs = dict(kwargs)
@@ -178,3 +193,60 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
         return (hidden, *args[1:]), kwargs
     kwargs["hidden_states"] = hidden
     return args, kwargs
+
+
+_CACHE_SEL = "_svdprune_fastv"  # attribute set on a cache built by a FastV prompt call: (sel, P)
+
+
+def fastv_forward(model, state, orig, kw: dict):
+    """The patched ``forward`` for method "fastv" (called by :mod:`.llava` with the bound arguments)."""
+    from .llava import _cache_of, image_token_mask, tokens_per_image
+
+    n = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    seq = ids if ids is not None else embeds
+    mask = None if seq is None else image_token_mask(model, ids, embeds)
+    cache = _cache_of(kw)
+    if state.budget >= n and state.kept is None:  # nothing to prune: the unpatched run, whatever the cache
+        if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
+            state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
+        return orig(**kw)
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise TypeError(f"fastv supports only DynamicCache, got {type(cache).__name__}")
+    past = cache.get_seq_length() if cache is not None else 0
+    S = seq.shape[1]
+    am = kw.get("attention_mask")
+    last = torch.full((seq.shape[0],), S - 1, device=seq.device)
+    if isinstance(am, torch.Tensor) and am.ndim == 2:  # each row's last real token (right padding)
+        cur = am[:, -S:].to(seq.device) != 0
+        last = S - 1 - cur.flip(1).int().argmax(1)
+    state._n = n
+    call = FastVCall(image_mask=mask, last=last, past=past, length=S)
+    if past == 0 and state._in_generate and state._fastv_prompt is not None:
+        call.sel, call.P = state._fastv_prompt  # no-cache generate: every step reuses the prompt's choice
+    elif past > 0:
+        if mask is not None and bool(mask.any()):
+            raise NotImplementedError("fastv prunes the prompt's images only: continuing a cache with new images "
+                                      "is not supported; generate again from the whole conversation")
+        call.sel, call.P = getattr(cache, _CACHE_SEL, (None, 0))
+    labels = kw.pop("labels", None)
+    as_tuple = kw.get("return_dict") is False
+    if labels is not None:
+        kw["return_dict"] = True
+    state._call = call
+    try:
+        out = orig(**kw)
+    finally:
+        state._call = None
+    if call.chosen:
+        if cache is not None:
+            setattr(cache, _CACHE_SEL, (call.sel, call.P))
+        if state._in_generate:
+            state._fastv_prompt = (call.sel, call.P)
+    if labels is not None:
+        rows = call.memo["plan"][0] if "plan" in call.memo else None
+        lab = labels if rows is None else labels.to(rows.device).gather(1, rows)
+        out.loss = model.loss_function(logits=out.logits, labels=lab, vocab_size=model.config.text_config.vocab_size)
+        if as_tuple:
+            return out.to_tuple()
+    return out

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import shapes as S
+from .inputs import keep_image_tokens
 
 NAME = "tiny-llava-shapes"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / NAME
@@ -442,19 +443,19 @@ def stage1_accuracy(model, heads, batch) -> dict[str, float]:
                 digit=hit[2][card].float().mean().item(), quadrant=hit[4][obj].float().mean().item())
 
 
-def _keep_image_tokens(ids, mask, kept, image_token_id, *extra):
+def _keep_image_tokens(ids, mask, kept, image_token_id, labels=None):
     """Rows of left-padded one-image prompts with only the image placeholders of the patches ``kept``
     ((B, K) ascending patch indices; every row keeps K), every token at the position it has in the full
-    sequence (so RoPE distances are those of the 576-token prompt). Returns (ids, mask, position_ids,
-    *extra), each (B, L - 576 + K); ``extra`` are (B, L) tensors cut the same way (e.g. labels)."""
-    B, N = kept.shape[0], int((ids[0] == image_token_id).sum())
-    is_img = ids == image_token_id
-    keep_img = torch.zeros(B, N, dtype=torch.bool, device=ids.device).scatter_(1, kept, True)
-    keep = ~is_img
-    keep[is_img] = keep_img.reshape(-1)  # placeholders are the N patches in raster order
-    pos = (mask.long().cumsum(1) - 1).clamp_min(0)
-    S_ = int(keep[0].sum())
-    return tuple(t[keep].reshape(B, S_) for t in (ids, mask, pos, *extra))
+    sequence (so RoPE distances are those of the 576-token prompt): the library's one apply step,
+    :func:`svdprune_utils.inputs.keep_image_tokens` with ``positions="original"``. Returns (ids, mask,
+    position_ids) or, with ``labels``, (ids, mask, position_ids, labels), each (B, L - 576 + K)."""
+    N = int((ids[0] == image_token_id).sum())
+    x = {"input_ids": ids, "attention_mask": mask} if labels is None else \
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = keep_image_tokens(x, kept, image_mask=ids == image_token_id, tokens_per_image=N, positions="original",
+                            pad_token_id=vocab()["<pad>"], padding_side="left")
+    res = (out["input_ids"], out["attention_mask"], out["position_ids"])
+    return res if labels is None else (*res, out["labels"])
 
 
 def _thin_image_tokens(ids, mask, labels, dense, image_token_id, n_keep, generator):

@@ -8,7 +8,7 @@ import torch
 from svdprune_utils import tiny
 from svdprune_utils.ablation import encode, evaluate_cached, residuals, select_cached
 from svdprune_utils.evaluate import evaluate
-from svdprune_utils.llava import capture_attention
+from svdprune_utils.attention import capture_attention
 from svdprune_utils.metrics import optimal_residual, projection_residual
 from svdprune_utils.selectors import select_tokens
 from svdprune_utils.shapes import ShapesVQA

@@ -8,7 +8,8 @@ import torch
 from conftest import build_llava_inputs, build_tiny_llava
 
 from svdprune_utils import bias
-from svdprune_utils.llava import capture_attention, patch_llava, unpatch_llava
+from svdprune_utils.attention import capture_attention
+from svdprune_utils.llava import patch_llava, unpatch_llava
 from svdprune_utils.selectors import top_k
 
 

@@ -7,7 +7,8 @@ import torch
 from conftest import build_llava_inputs, build_tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from svdprune_utils.llava import capture_attention, patch_llava, unpatch_llava
+from svdprune_utils.attention import capture_attention
+from svdprune_utils.llava import patch_llava, unpatch_llava
 from svdprune_utils.selectors import SELECTORS, select_tokens
 
 N = 576  # patches per image (336 / 14)²
@@ -245,13 +246,19 @@ def test_kept_indices_equal_select_tokens_on_the_same_features(tiny_llava, metho
     cls = att[:, :, 0, 1:].mean(1)
     expected = select_tokens(feats, 24, method=method, attention=cls, grid=(24, 24), **extra)
     patch_llava(tiny_llava, method=method, budget=24, feature=feature, **extra)
-    _logits(tiny_llava, x)
+    seen, lm_in = [], []
+    h1 = tiny_llava.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    h2 = tiny_llava.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: lm_in.append(k["inputs_embeds"]), with_kwargs=True)
+    try:
+        _logits(tiny_llava, x)
+    finally:
+        h1.remove(), h2.remove()
     assert torch.equal(tiny_llava.svdprune.kept_indices, expected)
-    # and the projected features handed to the LLM are those of the kept tokens, in raster order
-    with torch.no_grad():
-        pruned = tiny_llava.model.get_image_features(pixel_values=x["pixel_values"]).pooler_output
+    # and the LLM's inputs at the 24 placeholders of each row are the kept tokens' projected features, in order
+    ids, emb = seen[0], lm_in[0]
     for i in range(2):
-        assert torch.equal(pruned[i], out.pooler_output[i][expected[i]])
+        assert torch.equal(emb[i][ids[i] == 127], out.pooler_output[i][expected[i]])
 
 
 def test_patching_twice_replaces_and_budget_is_a_live_knob(tiny_llava):

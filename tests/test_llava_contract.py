@@ -1,0 +1,339 @@
+"""The patched LLaVA keeps generate's and forward's whole contract (issue: right padding, cache continuation,
+length limits, deepcopy, labels, inputs_embeds, positional generation_config, towers without CLS, hand-written
+loops, streamers, precomputed image features, static caches, stored selections). Tiny random models in-process."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_tiny_llava
+from transformers import GenerationConfig
+
+from svdprune_utils.attention import capture_attention
+from svdprune_utils.llava import patch_llava, prune_inputs, unpatch_llava
+
+N = 576
+METHODS = ["svd", "fastv", "cls_attention", "random"]
+
+
+def _gen(model, x, n=4, **kw):
+    with torch.no_grad():
+        return model.generate(**x, max_new_tokens=n, do_sample=False, **kw)
+
+
+def _solo(x, b, first_image):
+    keep = x["attention_mask"][b].bool()
+    n_img = int((x["input_ids"][b] == IMAGE_TOKEN_ID).sum()) // N
+    return {"input_ids": x["input_ids"][b][keep][None], "attention_mask": x["attention_mask"][b][keep][None],
+            "pixel_values": x["pixel_values"][first_image:first_image + n_img]}
+
+
+# ---------------------------------------------------------------------------------------- 1. right padding
+@pytest.mark.parametrize("method", ["fastv", "svd"])
+def test_right_padded_batch_equals_rows_alone(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], pad_left=False)
+    patch_llava(tiny_llava, method=method, budget=16)
+    with torch.no_grad():
+        batch = tiny_llava(**x).logits
+    kept = tiny_llava.svdprune.kept_indices.clone()
+    for b in range(2):
+        one = _solo(x, b, b)
+        with torch.no_grad():
+            solo = tiny_llava(**one).logits[0]
+        assert torch.equal(tiny_llava.svdprune.kept_indices[0], kept[b])
+        torch.testing.assert_close(batch[b, : solo.shape[0]], solo, atol=1e-4, rtol=1e-4)
+
+
+def test_fastv_capture_attention_right_padded_equals_rows_alone(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], pad_left=False)
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    maps = capture_attention(tiny_llava, x, layers=[1, 2])
+    for b in range(2):
+        solo = capture_attention(tiny_llava, _solo(x, b, b), layers=[1, 2])
+        for layer in (1, 2):
+            Q = solo.lm[layer].shape[1]
+            torch.testing.assert_close(maps.lm[layer][b, :Q], solo.lm[layer][0], atol=1e-5, rtol=1e-4)
+            assert torch.equal(maps.image_positions[layer][b], solo.image_positions[layer][0])
+
+
+# ---------------------------------------------------------------------------------------- 2. continuation
+@pytest.mark.parametrize("method", METHODS)
+def test_continuing_the_returned_cache_equals_one_generate(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    patch_llava(tiny_llava, method=method, budget=16)
+    one = _gen(tiny_llava, x, n=6)
+    first = _gen(tiny_llava, x, n=3, return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        cont = tiny_llava.generate(first.sequences, attention_mask=mask, past_key_values=first.past_key_values,
+                                   max_new_tokens=3, do_sample=False)
+    assert torch.equal(cont, one)
+    assert one.shape[1] == x["input_ids"].shape[1] + 6
+
+
+def test_continuation_with_a_changed_budget_is_refused(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="svd", budget=16)
+    first = _gen(tiny_llava, x, n=2, return_dict_in_generate=True)
+    tiny_llava.svdprune.budget = 32
+    mask = torch.cat([x["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+    with pytest.raises(ValueError, match="built with 16 tokens per image"):
+        tiny_llava.generate(first.sequences, attention_mask=mask, past_key_values=first.past_key_values,
+                            max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------- 3/7. length limits
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_max_length_counts_the_callers_prompt(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    S = x["input_ids"].shape[1]
+    ref = tiny_llava.generate(**x, max_length=S + 5, do_sample=False)
+    assert ref.shape[1] == S + 5
+    patch_llava(tiny_llava, method=method, budget=16)
+    with torch.no_grad():
+        by_kwarg = tiny_llava.generate(**x, max_length=S + 5, do_sample=False)
+        cfg = GenerationConfig(max_length=S + 5, do_sample=False, pad_token_id=0)
+        by_config = tiny_llava.generate(x["input_ids"], cfg, attention_mask=x["attention_mask"],
+                                        pixel_values=x["pixel_values"])  # item 7: both positional
+    assert by_kwarg.shape[1] == S + 5 and torch.equal(by_config, by_kwarg)
+    assert torch.equal(by_kwarg, _gen(tiny_llava, x, n=5))
+
+
+def test_min_length_counts_the_callers_prompt():
+    model = build_tiny_llava()
+    x = build_llava_inputs([(3, 1, 4)])
+    S = x["input_ids"].shape[1]
+    patch_llava(model, method="svd", budget=16)
+    free = _gen(model, x, n=8)
+    model.generation_config.eos_token_id = int(free[0, S + 1])  # an EOS that ends the free answer early
+    by_new = model.generate(**x, min_new_tokens=4, max_new_tokens=30, do_sample=False)
+    by_length = model.generate(**x, min_length=S + 4, max_new_tokens=30, do_sample=False)
+    assert S + 4 <= by_new.shape[1] < S + 30  # the EOS did end it
+    assert torch.equal(by_length, by_new)  # min_length = the caller's prompt + 4, as unpatched
+
+
+# ---------------------------------------------------------------------------------------- 4. deepcopy / save
+def test_deepcopy_runs_itself_with_its_own_knobs(tiny_llava, tmp_path):
+    x = build_llava_inputs([(3, 1, 4)])
+    ref_logits = tiny_llava(**x).logits.detach()
+    patch_llava(tiny_llava, method="svd", budget=32)
+    twin = copy.deepcopy(tiny_llava)
+    twin.svdprune.budget = 8
+    with torch.no_grad():
+        out = twin(**x).logits
+    assert twin.svdprune.kept_indices.shape == (1, 8)
+    assert tiny_llava.svdprune.kept_indices is None and tiny_llava.svdprune.budget == 32
+    assert out.shape[1] == x["input_ids"].shape[1] - N + 8
+    with torch.no_grad():  # the copy's weights, not the original's
+        next(twin.model.language_model.parameters()).add_(1.0)
+        assert not torch.equal(twin(**x).logits, out)
+        tiny_llava.svdprune.budget = 8
+        assert torch.equal(tiny_llava(**x).logits, out)
+    tiny_llava.save_pretrained(tmp_path)
+    from transformers import LlavaForConditionalGeneration
+
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert not hasattr(plain, "svdprune")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**x).logits, ref_logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- 5. labels
+def test_fastv_loss_is_over_the_processed_sequence(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    labels = x["input_ids"].masked_fill((x["input_ids"] == IMAGE_TOKEN_ID) | (x["attention_mask"] == 0), -100)
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    with torch.no_grad():
+        out = tiny_llava(**x, labels=labels)
+    kept = tiny_llava.svdprune.kept_indices
+    img = x["input_ids"] == IMAGE_TOKEN_ID
+    start = img.int().argmax(1)
+    rows = torch.sort(torch.cat([(~img).nonzero()[:, 1].view(2, -1), start[:, None] + kept], 1), 1).values
+    lab = labels.gather(1, rows)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), lab[:, 1:].reshape(-1),
+                          ignore_index=-100)
+    assert out.logits.shape[1] == rows.shape[1]
+    torch.testing.assert_close(out.loss, ref)
+
+
+def test_pre_llm_loss_uses_the_cut_labels(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    labels = x["input_ids"].masked_fill((x["input_ids"] == IMAGE_TOKEN_ID) | (x["attention_mask"] == 0), -100)
+    patch_llava(tiny_llava, method="svd", budget=16)
+    with torch.no_grad():
+        out = tiny_llava(**x, labels=labels)
+    keep = ~(x["input_ids"] == IMAGE_TOKEN_ID) & (x["attention_mask"] == 1)
+    texts = [labels[b][keep[b]] for b in range(2)]  # every text label, in order; the image labels are -100
+    L = out.logits.shape[1]
+    lab = torch.full((2, L), -100)
+    for b, t in enumerate(texts):
+        ids = x["input_ids"][b][x["attention_mask"][b].bool()]
+        i = int((ids == IMAGE_TOKEN_ID).int().argmax())
+        row = torch.cat([t[:i], torch.full((16,), -100), t[i:]])
+        lab[b, L - len(row):] = row
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), lab[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+
+
+# ---------------------------------------------------------------------------------------- 6. inputs_embeds
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_inputs_embeds_with_pixel_values_is_pruned(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    emb = tiny_llava.get_input_embeddings()(x["input_ids"]).detach()
+    xe = {"inputs_embeds": emb, "attention_mask": x["attention_mask"], "pixel_values": x["pixel_values"]}
+    patch_llava(tiny_llava, method=method, budget=16)
+    with torch.no_grad():
+        by_ids = tiny_llava(**x).logits
+        kept = tiny_llava.svdprune.kept_indices.clone()
+        tiny_llava.svdprune.kept_indices = None
+        by_embeds = tiny_llava(**xe).logits
+    assert torch.equal(tiny_llava.svdprune.kept_indices, kept)
+    assert by_embeds.shape[1] == x["input_ids"].shape[1] - N + 16
+    torch.testing.assert_close(by_embeds, by_ids, atol=1e-5, rtol=1e-5)
+    S = x["input_ids"].shape[1]
+    new_ids = _gen(tiny_llava, x, n=4)[:, S:]
+    assert torch.equal(_gen(tiny_llava, xe, n=4), new_ids)
+
+
+# ---------------------------------------------------------------------------------------- 8. towers
+def _siglip_llava(strategy):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=336, patch_size=14)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                       initializer_range=0.2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                      vision_feature_select_strategy=strategy)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    return model
+
+
+@pytest.mark.parametrize(("strategy", "n"), [("full", 576), ("default", 575)])
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_tower_without_cls(strategy, n, method):
+    model = _siglip_llava(strategy)
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], n_patches=n)
+    ref = _gen(model, x)
+    patch_llava(model, method=method, budget=n)
+    assert torch.equal(_gen(model, x), ref)  # budget >= N: the unpatched run
+    model.svdprune.budget = 16
+    with torch.no_grad():
+        logits = model(**x).logits
+    assert model.svdprune.kept_indices.shape == (2, 16) and int(model.svdprune.kept_indices.max()) < n
+    assert logits.shape[1] == x["input_ids"].shape[1] - n + 16
+    model.svdprune.method = "cls_attention"
+    with pytest.raises(ValueError, match="CLS"):
+        model(**x)
+
+
+def test_strategy_passed_at_call_time_sets_the_token_count(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)], n_patches=577)  # "full": CLS + 576 patches
+    patch_llava(tiny_llava, method="svd", budget=16)
+    with torch.no_grad():
+        logits = tiny_llava(**x, vision_feature_select_strategy="full").logits
+    assert tiny_llava.svdprune.kept_indices.shape == (1, 16) and logits.shape[1] == x["input_ids"].shape[1] - 561
+
+
+# ---------------------------------------------------------------------------------------- 9. hand-written loops
+def test_manual_decode_loop_equals_generate_on_rows_with_different_image_counts(tiny_llava):
+    x = build_llava_inputs([(3, 2, 4), (9, 1, 2)])  # row 0 loses twice as many placeholders as row 1
+    patch_llava(tiny_llava, method="svd", budget=16)
+    S = x["input_ids"].shape[1]
+    ref = _gen(tiny_llava, x, n=5)[:, S:]
+    p = prune_inputs(tiny_llava, **x)
+    assert torch.equal(p.kept, tiny_llava.svdprune.kept_indices) and p.kept.shape == (3, 16)
+    mask = p.inputs["attention_mask"]
+    toks = []
+    with torch.no_grad():
+        out = tiny_llava(**p.inputs, use_cache=True)
+        for _ in range(5):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = tiny_llava(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    assert torch.equal(torch.cat(toks, 1), ref)
+    # index maps every kept entry back to the caller's column
+    idx = p.index
+    got = torch.where(idx >= 0, x["input_ids"].gather(1, idx.clamp_min(0)), 0)
+    assert torch.equal(got, p.inputs["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------- 10. smaller items
+class _Recorder:
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        pass
+
+
+def test_streamer_first_receives_the_callers_prompt(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="svd", budget=16)
+    rec = _Recorder()
+    out = tiny_llava.generate(**x, max_new_tokens=3, do_sample=False, streamer=rec)
+    assert torch.equal(rec.chunks[0], x["input_ids"])
+    assert torch.equal(torch.cat([c.view(1, -1) for c in rec.chunks], 1), out)
+
+
+def test_precomputed_image_features_are_pruned(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    with torch.no_grad():
+        images = tiny_llava.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True)
+    pre = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "mm_encoder_outputs": {"image": images}}
+    patch_llava(tiny_llava, method="svd", budget=16)
+    with torch.no_grad():
+        ref = tiny_llava(**x).logits
+        kept = tiny_llava.svdprune.kept_indices.clone()
+        assert torch.equal(tiny_llava(**pre).logits, ref)
+    assert torch.equal(tiny_llava.svdprune.kept_indices, kept)
+    images.hidden_states = None
+    with pytest.raises(ValueError, match="hidden_states"):
+        tiny_llava(**pre)
+    tiny_llava.svdprune.feature = "projected"
+    with torch.no_grad():
+        assert tiny_llava(**pre).logits.shape == ref.shape
+
+
+def test_fastv_with_a_static_cache_at_full_budget_is_unpatched(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    ref = _gen(tiny_llava, x, cache_implementation="static")
+    patch_llava(tiny_llava, method="fastv", budget=N)
+    assert torch.equal(_gen(tiny_llava, x, cache_implementation="static"), ref)
+    tiny_llava.svdprune.budget = 16
+    with pytest.raises(TypeError, match="DynamicCache"):
+        _gen(tiny_llava, x, cache_implementation="static")
+
+
+def test_fastv_refuses_prompt_lookup_clearly(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    with pytest.raises(NotImplementedError, match="prompt-lookup"):
+        _gen(tiny_llava, x, prompt_lookup_num_tokens=3)
+
+
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_a_stored_selection_replays_exactly(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    patch_llava(tiny_llava, method=method, budget=16)
+    with torch.no_grad():
+        ref = tiny_llava(**x).logits
+    stored = tiny_llava.svdprune.kept_indices.clone()
+    patch_llava(tiny_llava, method=method if method == "fastv" else "random", kept=stored)
+    with torch.no_grad():
+        assert torch.equal(tiny_llava(**x).logits, ref)
+    assert torch.equal(tiny_llava.svdprune.kept_indices, stored)
+    with pytest.raises(ValueError, match="holds 2 images"):
+        tiny_llava(**build_llava_inputs([(3, 1, 4)]))
+    unpatch_llava(tiny_llava)
