@@ -24,7 +24,9 @@ with torch.no_grad():
         qtypes = [ds[b + j]['qtype'] for j in range(len(qas))]
         for K in (128, 64, 16):
             kept = sp.select_tokens(X, K, 'svd')
-            i2, m2, posfull = T._keep_image_tokens(ids, mask, kept, img_id)
+            x = sp.keep_image_tokens({'input_ids': ids, 'attention_mask': mask}, kept, image_mask=ids == img_id,
+                                     tokens_per_image=576, positions='original', pad_token_id=v['<pad>'])
+            i2, m2, posfull = x['input_ids'], x['attention_mask'], x['position_ids']
             f = feats.gather(1, kept[..., None].expand(-1, -1, feats.shape[-1]))
             emb = T.embed_inputs(m, i2, f)
             for name, pos, am in (('compact', None, m2), ('fullpos', posfull, m2),

@@ -113,16 +113,16 @@ def _demo(args: argparse.Namespace) -> int:
         print(table.to_string())
         print("\naccuracy:", per.groupby(["method", "budget"])["correct"].mean().round(2).to_dict())
     # overlay of the kept tokens for the first image
+    from .evaluate import model_inputs
     from .llava import patch_llava, unpatch_llava
 
     item = data[0]
-    inputs = processor(images=[item["image"]], text=[args.prompt.format(question=item["question"])],
-                       return_tensors="pt")
+    inputs = model_inputs(model, processor, [item], args.prompt)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     for ax, method in zip(axes, methods):
         patch_llava(model, method=method, budget=64)
         try:
-            model.generate(**inputs.to(model.device), max_new_tokens=2, do_sample=False)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
             overlay_kept(item["image"], model.svdprune.kept_indices[0], ax=ax)
         finally:
             unpatch_llava(model)

@@ -20,17 +20,17 @@ A configuration is ``{"method": <SELECTORS key>, "feature": "vision" | "projecte
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluate import LLAVA_PROMPT, _answers, vqa_score
-from .attention import vision_attention_hook
+from .evaluate import LLAVA_PROMPT, _answers, model_inputs, vqa_score
+from .attention import vision_cls_attention
 from .inputs import keep_image_tokens, kept_features
 from .selectors import score_tokens, select_tokens, top_k
 
@@ -91,11 +91,6 @@ def _left_pad(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]
     return ids.to(device), mask.to(device)
 
 
-def _image(item):
-    im = item["image"]
-    return im.convert("RGB") if isinstance(im, Image.Image) else im
-
-
 @torch.inference_mode()
 def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = None, layers: Sequence[int] = (),
            prompt: str = LLAVA_PROMPT, batch_size: int = 16, attention: bool = True,
@@ -115,24 +110,16 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
     strategy = model.config.vision_feature_select_strategy
     n_layers = model.config.vision_config.num_hidden_layers + 1
     keep = sorted({_negative(i, n_layers) for i in (layer, *layers)}, reverse=True)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     feats = {k: [] for k in ["projected", *keep]}
     att, prompts, answers, qtypes, masks = [], [], [], [], []
     for start in tqdm(range(0, n, batch_size), desc="encode", disable=not progress, leave=False):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        inputs = processor(images=[_image(it) for it in items],
-                           text=[prompt.format(question=it["question"]) for it in items],
-                           return_tensors="pt", padding=True, padding_side="left")
-        box = {}
-        handle = vision_attention_hook(model, layer, box) if attention else None
-        try:
-            out = model.model.get_image_features(pixel_values=inputs["pixel_values"].to(device, dtype),
+        inputs = model_inputs(model, processor, items, prompt)
+        with vision_cls_attention(model, layer) if attention else contextlib.nullcontext({}) as box:
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                  vision_feature_layer=layer,
                                                  vision_feature_select_strategy=strategy, return_dict=True,
                                                  output_hidden_states=True)
-        finally:
-            if handle is not None:
-                handle.remove()
         feats["projected"].append(torch.stack(list(out.pooler_output)))
         for k in keep:
             h = out.hidden_states[k]
@@ -141,7 +128,7 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
             a = box["cls"].mean(1)
             att.append(a[:, 1:] if strategy == "default" else a)
         for ids, m in zip(inputs["input_ids"], inputs["attention_mask"]):
-            prompts.append(ids[m.bool()].clone())
+            prompts.append(ids[m.bool()].cpu().clone())
         for it in items:
             answers.append(_answers(it))
             qtypes.append(it.get("qtype", "all"))

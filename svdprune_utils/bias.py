@@ -22,14 +22,13 @@ Measurements on a LLaVA (transformers 5.24, Llama decoder; unpatched model):
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
 
-from .fastv import decoder_attention
+from .attention import attention_probs, probing
+from .evaluate import LLAVA_PROMPT, model_inputs
 from .leverage import leverage_scores
 from .metrics import grid_shape, positional_bias, spatial_stats
 from .selectors import top_k
@@ -39,7 +38,6 @@ __all__ = ["causal_received", "uniform_causal_received", "rope_logits", "rope_de
            "answer_band", "SEGMENTS"]
 
 SEGMENTS = ("system", "image", "instruction", "response")
-LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
 
 # ------------------------------------------------------------------------------------------ theory
@@ -74,9 +72,13 @@ def uniform_causal_received(n: int) -> np.ndarray:
 
 
 def _rotary(model):
+    """(rotary embedding module, rotate-half apply function, logit scale) of the language model. The
+    apply function is transformers' public Llama one: the rotate-half RoPE that Llama, Vicuna, Mistral and
+    Qwen2 decoders share (their ``apply_rotary_pos_emb`` are copies of it)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     lm = model.model.language_model
-    attn = lm.layers[0].self_attn
-    return lm.rotary_emb, sys.modules[type(attn).__module__].apply_rotary_pos_emb, attn.scaling
+    return lm.rotary_emb, apply_rotary_pos_emb, lm.layers[0].self_attn.scaling
 
 
 def rope_logits(model, q: torch.Tensor, k: torch.Tensor, q_pos, k_pos) -> torch.Tensor:
@@ -109,16 +111,6 @@ def rope_decay(model, q: torch.Tensor, k: torch.Tensor, distances) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------ model measurements
-def model_inputs(model, processor, items, prompt: str = LLAVA_PROMPT) -> dict:
-    """Processor inputs for dataset ``items`` (dicts with image, question), left-padded, on the model's
-    device; ``pixel_values`` in the model's dtype (the same inputs :func:`~svdprune_utils.evaluate.evaluate` builds)."""
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    images = [it["image"].convert("RGB") if hasattr(it["image"], "convert") else it["image"] for it in items]
-    x = processor(images=images, text=[prompt.format(question=it["question"]) for it in items],
-                  return_tensors="pt", padding=True, padding_side="left")
-    return {k: v.to(dev, dtype) if k == "pixel_values" else v.to(dev) for k, v in x.items()}
-
-
 class _Stop(Exception):
     pass
 
@@ -127,30 +119,30 @@ class _Stop(Exception):
 def decoder_qk(model, inputs: dict, layer: int) -> dict:
     """Pre-RoPE queries and keys of LLM decoder layer ``layer`` for ``model(**inputs)``.
 
+    Read from forward hooks on that layer's ``q_proj``/``k_proj`` (their outputs, split into heads).
     Returns {"q": (B, H, S, hd), "k": (B, H_kv, S, hd)} fp32 on the model's device; the forward stops
-    after that layer's input is seen (later layers are not run).
+    once both are seen (later layers are not run).
     """
-    lm_layer = model.model.language_model.layers[layer]
+    attn = model.model.language_model.layers[layer].self_attn
+    if hasattr(attn, "q_norm"):
+        raise NotImplementedError("decoder_qk reads q_proj/k_proj outputs; this decoder normalises them after")
     box = {}
 
-    def hook(module, args, kwargs):
-        h = module.input_layernorm(args[0] if args else kwargs["hidden_states"])
-        B, S, _ = h.shape
-        attn = module.self_attn
-        q = attn.q_proj(h).view(B, S, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, S, -1, attn.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        box.update(q=q.float(), k=k.float())
-        raise _Stop
+    def hook(name, module, args, out):
+        B, S, _ = out.shape
+        box[name] = out.view(B, S, -1, attn.head_dim).transpose(1, 2).float()
+        if len(box) == 2:
+            raise _Stop
 
-    handle = lm_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [attn.q_proj.register_forward_hook(lambda m, a, o: hook("q", m, a, o)),
+               attn.k_proj.register_forward_hook(lambda m, a, o: hook("k", m, a, o))]
     try:
         model(**inputs, use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return box
 
 
@@ -232,20 +224,13 @@ def attention_shares(model, processor, dataset, *, limit: int | None = None, pro
                "response": pos >= P}
         probs = {}
 
-        def hook(idx, module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            p = decoder_attention(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"),
-                                  queries)
-            probs[idx] = p.mean(1)[0].cpu()  # (Q, S)
+        def probe(idx, module, query, key, mask, scaling):
+            probs[idx] = attention_probs(module, query, key, mask, scaling, queries).mean(1)[0].cpu()  # (Q, S)
 
-        handles = [lay.register_forward_pre_hook(lambda m, a, k, idx=j: hook(idx, m, a, k), with_kwargs=True)
-                   for j, lay in enumerate(layers)]
-        try:
+        probes = {lay.self_attn: (lambda *a, j=j: probe(j, *a)) for j, lay in enumerate(layers)}
+        with probing(model.config.text_config, probes):
             model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x["pixel_values"],
                   use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         for j, p in sorted(probs.items()):
             for name, m in seg.items():
                 rows.append({"sample": i, "layer": j, "segment": name, "share": float(p[:, m].sum(-1).mean()),

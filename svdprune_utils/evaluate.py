@@ -17,9 +17,8 @@ import pathlib
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from .llava import patch_llava, unpatch_llava
 from .metrics import region_recall
 
-__all__ = ["normalize_answer", "vqa_score", "evaluate", "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
+__all__ = ["normalize_answer", "vqa_score", "evaluate", "model_inputs", "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
 
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -91,6 +90,16 @@ def _prefill_timer(model):
         handle.remove()
 
 
+def model_inputs(model, processor, items, prompt: str = LLAVA_PROMPT) -> dict:
+    """Processor inputs for dataset ``items`` (dicts with ``image``, ``question``): prompts
+    ``prompt.format(question=...)``, left-padded, on the model's device, ``pixel_values`` in the model's dtype.
+    The one builder of model inputs from dataset records (evaluation, cached ablations, bias analysis)."""
+    images = [it["image"].convert("RGB") if isinstance(it["image"], Image.Image) else it["image"] for it in items]
+    x = processor(images=images, text=[prompt.format(question=it["question"]) for it in items],
+                  return_tensors="pt", padding=True, padding_side="left")
+    return {k: v.to(model.device, model.dtype) if k == "pixel_values" else v.to(model.device) for k, v in x.items()}
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
@@ -99,14 +108,9 @@ def _batches(n: int, size: int):
 @torch.inference_mode()
 def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tokens, timer):
     rows = []
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     for idx in _batches(len(idx_all), batch_size):
         items = [dataset[idx_all[i]] for i in idx]
-        images = [it["image"].convert("RGB") if isinstance(it["image"], Image.Image) else it["image"] for it in items]
-        texts = [prompt.format(question=it["question"]) for it in items]
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
-        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        inputs = model_inputs(model, processor, items, prompt)
         _sync(model)
         timer["t0"] = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

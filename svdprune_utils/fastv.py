@@ -10,31 +10,37 @@ Mechanism (tested with transformers 5.24, Llama-family decoders called by ``Llam
 position_embeddings=(cos, sin) each (B, S, head_dim), cache=DynamicCache, ...)``): forward pre-hooks
 with kwargs on the decoder layers; no transformers code is replaced.
 
-* layer K−1: recompute that layer's attention of the last query (its own q/k projections and rotary
-  helper) and choose the kept image tokens with ``select_tokens(method="fastv", attention=...)``.
-* layer K: gather the hidden states of the kept rows.
+* layer K−1: the attention of each row's last real prompt token (its last non-padding token) is read
+  by a probe on transformers' attention-function interface (:mod:`.attention`: post-RoPE q/k as the
+  layer computes them; the layer itself runs its own sdpa/eager attention).
+* layer K: choose the kept image tokens with ``select_tokens(method="fastv", attention=...)`` (heads
+  averaged) and gather the hidden states of the kept rows.
 * layers >= K: gather the same rows of cos/sin and position_ids, and rows + columns of the 4-D mask.
   With a ``DynamicCache`` the layers >= K then cache only the kept tokens; at decoding the mask (built
   for the full length by layer 0's cache) keeps the kept prompt columns and every generated column.
   Gathering columns by index (never slicing the first ones) keeps left padding right.
 
 A call without cache (no-cache ``generate``) reuses the selection made on the prompt, so generating
-with and without cache gives the same tokens. Not supported: chunked prefill, caches other than
-``DynamicCache``, rows with different numbers of images, flash/flex attention masks.
+with and without cache gives the same tokens; a prompt call stores its kept rows on the ``DynamicCache``
+it fills, so that continuing that cache (multi-turn ``generate(sequences, past_key_values=...)``, or a
+hand-written loop) drops the same columns. ``labels``: the loss is computed over the sequence the LM
+processed (labels gathered at the kept rows). Not supported (clear errors): chunked prefill, assisted /
+prompt-lookup decoding, caches other than ``DynamicCache`` (below the full budget), rows with different
+numbers of images, new images in a continued cache, flash/flex attention.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from transformers.cache_utils import DynamicCache
 
+from .attention import attention_probs, probing
 from .selectors import select_tokens
 
-__all__ = ["FastVCall", "decoder_attention", "fastv_pre_hook", "fastv_forward"]
+__all__ = ["FastVCall", "fastv_pre_hook", "fastv_forward"]
 
 
 @dataclass
@@ -55,49 +61,13 @@ class FastVCall:
     sel: torch.Tensor | None = None
     P: int = 0
     chosen: bool = False
+    probs: torch.Tensor | None = None  # (B, heads, 1, S) attention of each row's last token at layer K−1
     memo: dict = field(default_factory=dict)
 
 
-def decoder_attention(layer, hidden, position_embeddings, attention_mask=None, queries=None) -> torch.Tensor:
-    """Softmax attention probabilities of a Llama-style decoder layer, recomputed from its input.
-
-    hidden: (B, S, D) the layer's input (before ``input_layernorm``); position_embeddings: (cos, sin)
-    each (B or 1, S, head_dim); attention_mask: the 4-D mask the layer receives ((B or 1, 1, S, S),
-    bool "may attend" or additive float) or None (plain causal); queries: LongTensor of query rows,
-    (Q,) for every row or (B, Q) per row (None: all S). No KV cache: the keys are the S tokens of ``hidden``.
-    Returns fp32 (B, heads, Q, S); each row sums to 1.
-    """
-    attn = layer.self_attn
-    h = layer.input_layernorm(hidden)
-    B, S, _ = h.shape
-    hd = attn.head_dim
-    qpos = torch.arange(S, device=h.device) if queries is None else torch.as_tensor(queries, device=h.device)
-    qpos = qpos.expand(B, -1) if qpos.ndim == 1 else qpos  # (B, Q)
-    Q = qpos.shape[1]
-    take = lambda t: t.expand(B, *t.shape[1:]).gather(1, qpos[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-    q = attn.q_proj(take(h)).view(B, Q, -1, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(B, S, -1, hd).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms; Llama has none
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary helper
-    cos, sin = position_embeddings
-    q, _ = rope(q, q, take(cos), take(sin))
-    _, k = rope(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: same head order as repeat_kv
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
-    low = torch.finfo(torch.float32).min
-    if attention_mask is None:
-        allowed = torch.arange(S, device=h.device)[None, None, :] <= qpos[:, :, None]  # (B, Q, S)
-        scores = scores.masked_fill(~allowed[:, None], low)
-    else:
-        m = attention_mask[..., :S].expand(B, -1, -1, -1)
-        m = m.gather(2, qpos[:, None, :, None].expand(-1, m.shape[1], -1, S))
-        scores = scores.masked_fill(~m, low) if m.dtype == torch.bool else scores + m.float()
-    return torch.softmax(scores, dim=-1)
-
-
-def _select(state, call: FastVCall, layer, hidden, kwargs) -> None:
-    """At layer K−1 of a prompt call: choose the kept image tokens and store the kept rows in ``call``."""
+def _select(state, call: FastVCall, hidden) -> None:
+    """At layer K of a prompt call: choose the kept image tokens (from the attention the probe read at layer
+    K−1, or a stored selection) and store the kept rows in ``call``."""
     mask = call.image_mask
     n = state._n
     if mask is None or not bool(mask.any()):
@@ -116,16 +86,14 @@ def _select(state, call: FastVCall, layer, hidden, kwargs) -> None:
             raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {B * G}")
         idx = state.kept.long().to(hidden.device)
     else:
-        probs = decoder_attention(layer, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"),
-                                  call.last[:, None])
-        score = probs.mean(1)[:, 0]  # (B, S) each row's last real token -> every token, heads averaged
-        attention = score.gather(1, img_pos.view(B, -1)).view(B * G, n)
+        score = call.probs.mean(1)[:, 0]  # (B, S) each row's last real token -> every token, heads averaged
+        attention = score.gather(1, img_pos.view(B, -1).to(score.device)).view(B * G, n)
         feats = hidden.gather(1, img_pos.view(B, -1, 1).expand(-1, -1, D)).view(B * G, n, D)
         idx = select_tokens(feats, state.budget, method="fastv", attention=attention)  # (B*G, K)
     kept = img_pos.gather(1, idx).view(B, -1)
     text = (~mask).nonzero()[:, 1].view(B, S - G * n)
     call.sel = torch.sort(torch.cat([text, kept], dim=1), dim=1).values  # (B, P')
-    call.P, call.chosen = S, True
+    call.P, call.chosen, call.probs = S, True, None
     state.kept_indices = idx
 
 
@@ -168,8 +136,8 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
         return None
     K = state.fastv_layer
     hidden = args[0] if args else kwargs["hidden_states"]
-    if layer_idx == K - 1 and call.past == 0 and call.sel is None:
-        _select(state, call, module, hidden, kwargs)
+    if layer_idx == K and call.past == 0 and call.sel is None:
+        _select(state, call, hidden)
     if layer_idx < K or call.sel is None:
         return None
     rows, cols = _plan(call)
@@ -233,9 +201,16 @@ def fastv_forward(model, state, orig, kw: dict):
     as_tuple = kw.get("return_dict") is False
     if labels is not None:
         kw["return_dict"] = True
+    probes = {}
+    if call.sel is None and past == 0 and state.kept is None and mask is not None and bool(mask.any()):
+        def probe(module, query, key, attention_mask, scaling):  # layer K−1: the last real tokens' attention
+            call.probs = attention_probs(module, query, key, attention_mask, scaling, queries=call.last[:, None])
+
+        probes = {model.model.language_model.layers[state.fastv_layer - 1].self_attn: probe}
     state._call = call
     try:
-        out = orig(**kw)
+        with probing(model.config.text_config, probes):
+            out = orig(**kw)
     finally:
         state._call = None
     if call.chosen:

@@ -31,13 +31,14 @@ caller's prompt; the returned cache can be continued with ``generate(sequences, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import LlavaForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from ._validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
@@ -160,7 +161,7 @@ def _cache_of(kw):
 # ----------------------------------------------------------------------------- compute: selection
 def _vision_signals(model, state, kw, box):
     """Run the tower once: (full image outputs, features to score, extra signals)."""
-    from .attention import vision_attention_hook
+    from .attention import vision_cls_attention
 
     layer = _feature_layer(model, kw.get("vision_feature_layer"))
     strategy = _strategy(model, kw.get("vision_feature_select_strategy"))
@@ -168,19 +169,15 @@ def _vision_signals(model, state, kw, box):
     if mm.get("image") is not None:
         out = mm["image"]
     else:
-        handle = None
-        if state.method == "cls_attention" and state.kept is None:
-            if not _has_cls(model):
-                tower = type(model.model.vision_tower).__name__
-                raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
-            handle = vision_attention_hook(model, layer, box)
-        try:
+        want_cls = state.method == "cls_attention" and state.kept is None
+        if want_cls and not _has_cls(model):
+            tower = type(model.model.vision_tower).__name__
+            raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
+        with vision_cls_attention(model, layer) if want_cls else contextlib.nullcontext({}) as cls:
             out = model.model.get_image_features(
                 pixel_values=kw["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, image_sizes=kw.get("image_sizes"), return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
+        box.update(cls)
     proj = list(out.pooler_output)
     if state.kept is not None:
         return out, proj, None

@@ -34,7 +34,6 @@ runs that led to the recipe and the license.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import time

@@ -337,3 +337,71 @@ def test_a_stored_selection_replays_exactly(tiny_llava, method):
     with pytest.raises(ValueError, match="holds 2 images"):
         tiny_llava(**build_llava_inputs([(3, 1, 4)]))
     unpatch_llava(tiny_llava)
+
+
+def test_fastv_equals_a_hand_built_pruned_run():
+    """Layers >= K run on the kept rows at their ORIGINAL positions, causal among themselves, padding masked:
+    rebuilt here with transformers' own decoder layers, rotary embedding, norm and head (eager twin)."""
+    model = build_tiny_llava(attn="eager")
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    K = 2
+    box = []
+    h = model.model.language_model.layers[K].register_forward_pre_hook(lambda m, a: box.append(a[0]))
+    with torch.no_grad():
+        model(**x)
+    h.remove()
+    patch_llava(model, method="fastv", budget=16, fastv_layer=K)
+    with torch.no_grad():
+        got = model(**x).logits
+    kept = model.svdprune.kept_indices
+    img = x["input_ids"] == IMAGE_TOKEN_ID
+    start = img.int().argmax(1)
+    rows = torch.sort(torch.cat([(~img).nonzero()[:, 1].view(2, -1), start[:, None] + kept], 1), 1).values
+    lm = model.model.language_model
+    hid = box[0].gather(1, rows[..., None].expand(-1, -1, box[0].shape[-1]))
+    real = x["attention_mask"].gather(1, rows).bool()
+    allowed = (rows[:, None, :] <= rows[:, :, None]) & real[:, None, :]
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    pe = lm.rotary_emb(hid, rows)
+    with torch.no_grad():
+        for layer in lm.layers[K:]:
+            hid = layer(hid, attention_mask=mask, position_ids=rows, position_embeddings=pe)
+            hid = hid[0] if isinstance(hid, tuple) else hid
+        ref = model.lm_head(lm.norm(hid))
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_explicit_position_ids_are_cut_with_the_sequence(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    S = x["input_ids"].shape[1]
+    patch_llava(tiny_llava, method="svd", budget=16)
+    with torch.no_grad():
+        ref = tiny_llava(**x).logits
+        got = tiny_llava(**x, position_ids=torch.arange(S)[None]).logits
+    assert torch.equal(got, ref)
+
+
+def test_placeholder_runs_of_the_wrong_length_are_refused(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)], n_patches=575)
+    patch_llava(tiny_llava, method="svd", budget=16)
+    with pytest.raises(ValueError, match="runs of 576"):
+        tiny_llava(**x)
+
+
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_beam_search_and_several_return_sequences(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    S = x["input_ids"].shape[1]
+    patch_llava(tiny_llava, method=method, budget=16)
+    beams = _gen(tiny_llava, x, n=4, num_beams=3, num_return_sequences=2)
+    assert beams.shape == (4, S + 4) and torch.equal(beams[:, :S], x["input_ids"].repeat_interleave(2, 0))
+    for b in range(2):  # the batch returns what each row returns alone
+        one = _solo(x, b, b)
+        solo = _gen(tiny_llava, one, n=4, num_beams=3, num_return_sequences=2)
+        assert torch.equal(beams[2 * b:2 * b + 2, S:], solo[:, one["input_ids"].shape[1]:])
+    torch.manual_seed(0)
+    a = tiny_llava.generate(**x, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    torch.manual_seed(0)
+    b_ = tiny_llava.generate(**x, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    assert torch.equal(a, b_) and torch.equal(a[:, :S], x["input_ids"].repeat_interleave(2, 0))
