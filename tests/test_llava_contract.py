@@ -405,3 +405,21 @@ def test_beam_search_and_several_return_sequences(tiny_llava, method):
     torch.manual_seed(0)
     b_ = tiny_llava.generate(**x, max_new_tokens=4, do_sample=True, num_return_sequences=2)
     assert torch.equal(a, b_) and torch.equal(a[:, :S], x["input_ids"].repeat_interleave(2, 0))
+
+
+def test_multi_turn_continuation_equals_a_fresh_run_of_the_conversation(tiny_llava):
+    """Turn 2 appends text to turn 1's sequences and continues the cache: a pre-LLM selection depends only on
+    the image, so this equals generating from the whole conversation afresh."""
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    patch_llava(tiny_llava, method="svd", budget=16)
+    first = _gen(tiny_llava, x, n=3, return_dict_in_generate=True)
+    turn = torch.randint(3, IMAGE_TOKEN_ID, (2, 5), generator=torch.Generator().manual_seed(1))
+    conv = torch.cat([first.sequences, turn], 1)
+    mask = torch.ones_like(conv)
+    mask[:, : x["attention_mask"].shape[1]] = x["attention_mask"]
+    with torch.no_grad():
+        cont = tiny_llava.generate(conv, attention_mask=mask, cache=first.past_key_values, max_new_tokens=4,
+                                   do_sample=False)
+        fresh = tiny_llava.generate(conv, attention_mask=mask, pixel_values=x["pixel_values"], max_new_tokens=4,
+                                    do_sample=False)
+    assert torch.equal(cont, fresh) and cont.shape[1] == conv.shape[1] + 4
