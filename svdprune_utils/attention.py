@@ -129,7 +129,8 @@ def vision_cls_attention(model, layer=None):
     box = {}
 
     def probe(module, query, key, mask, scaling):
-        box["cls"] = attention_probs(module, query, key, mask, scaling, queries=torch.tensor([0]))[:, :, 0]
+        with torch.no_grad():  # a selection signal: nothing is saved for backward
+            box["cls"] = attention_probs(module, query, key, mask, scaling, queries=torch.tensor([0]))[:, :, 0]
 
     with probing(model.config.vision_config, {layers[idx].self_attn: probe}):
         yield box
@@ -163,13 +164,21 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
     """
     lm_layers = model.model.language_model.layers
     layers = range(len(lm_layers)) if layers is None else sorted({int(i) % len(lm_layers) for i in layers})
-    seen, lm, positions = {}, {}, {}
+    from .llava import image_token_mask
+
+    lm, positions = {}, {}
     reduce = (lambda p: p) if per_head else (lambda p: p.mean(1))
+    caller = image_token_mask(model, inputs.get("input_ids"), inputs.get("inputs_embeds"))
+    state = model.__dict__.get("svdprune")
+    if state is not None:
+        state._last_index = None
 
     def image_rows(S):
-        img = seen["ids"] == model.config.image_token_id
+        img = caller
+        if state is not None and state._last_index is not None:  # the prompt as cut before the LLM
+            idx = state._last_index.to(img.device)
+            img = torch.where(idx >= 0, img.gather(1, idx.clamp_min(0)), False)
         if S != img.shape[1]:  # inside FastV's pruned layers
-            state = model.__dict__.get("svdprune")
             call = None if state is None else state._call
             if call is None or call.sel is None:
                 raise RuntimeError(f"a layer sees {S} tokens, the prompt has {img.shape[1]}")
@@ -187,16 +196,12 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
         positions[idx] = pos.cpu()
 
     probes = {lm_layers[i].self_attn: (lambda *a, i=i: probe(i, *a)) for i in layers}
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.__setitem__("ids", args[0]))
     box = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(probing(model.config.text_config, probes))
-            if inputs.get("pixel_values") is not None:
-                box = stack.enter_context(vision_cls_attention(model))
-            model(**{**inputs, "use_cache": False})
-    finally:
-        handle.remove()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(probing(model.config.text_config, probes))
+        if inputs.get("pixel_values") is not None:
+            box = stack.enter_context(vision_cls_attention(model))
+        model(**{**inputs, "use_cache": False})
     vision = None
     if "cls" in box:
         vision = reduce(box["cls"][:, :, 1:] if model.config.vision_feature_select_strategy == "default" else box["cls"])

@@ -168,20 +168,24 @@ _CACHE_SEL = "_svdprune_fastv"  # attribute set on a cache built by a FastV prom
 
 def fastv_forward(model, state, orig, kw: dict):
     """The patched ``forward`` for method "fastv" (called by :mod:`.llava` with the bound arguments)."""
-    from .llava import _cache_of, image_token_mask, tokens_per_image
+    from .llava import _CACHE_K, _cache_of, image_token_mask, tokens_per_image
 
     n = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     seq = ids if ids is not None else embeds
     mask = None if seq is None else image_token_mask(model, ids, embeds)
     cache = _cache_of(kw)
-    if state.budget >= n and state.kept is None:  # nothing to prune: the unpatched run, whatever the cache
+    past = cache.get_seq_length() if cache is not None else 0
+    if past and getattr(cache, _CACHE_K, None) is not None:
+        raise ValueError("this cache was built by a pre-LLM method (its prompt was cut before the LLM); continue it "
+                         "with that method")
+    stored = getattr(cache, _CACHE_SEL, None) if past else None  # a FastV cache is continued as it was pruned
+    if state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
         if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
             state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
         return orig(**kw)
     if cache is not None and not isinstance(cache, DynamicCache):
         raise TypeError(f"fastv supports only DynamicCache, got {type(cache).__name__}")
-    past = cache.get_seq_length() if cache is not None else 0
     S = seq.shape[1]
     am = kw.get("attention_mask")
     last = torch.full((seq.shape[0],), S - 1, device=seq.device)
@@ -193,10 +197,12 @@ def fastv_forward(model, state, orig, kw: dict):
     if past == 0 and state._in_generate and state._fastv_prompt is not None:
         call.sel, call.P = state._fastv_prompt  # no-cache generate: every step reuses the prompt's choice
     elif past > 0:
-        if mask is not None and bool(mask.any()):
+        mm = kw.get("mm_encoder_outputs") or {}
+        if kw.get("pixel_values") is not None or mm.get("image") is not None:
             raise NotImplementedError("fastv prunes the prompt's images only: continuing a cache with new images "
                                       "is not supported; generate again from the whole conversation")
-        call.sel, call.P = getattr(cache, _CACHE_SEL, (None, 0))
+        call.image_mask = None  # placeholder ids after the prompt are plain tokens (no image features)
+        call.sel, call.P = stored if stored is not None else (None, 0)
     labels = kw.pop("labels", None)
     as_tuple = kw.get("return_dict") is False
     if labels is not None:
@@ -204,7 +210,8 @@ def fastv_forward(model, state, orig, kw: dict):
     probes = {}
     if call.sel is None and past == 0 and state.kept is None and mask is not None and bool(mask.any()):
         def probe(module, query, key, attention_mask, scaling):  # layer K−1: the last real tokens' attention
-            call.probs = attention_probs(module, query, key, attention_mask, scaling, queries=call.last[:, None])
+            with torch.no_grad():  # a selection signal: no gradient, nothing saved for backward
+                call.probs = attention_probs(module, query, key, attention_mask, scaling, queries=call.last[:, None])
 
         probes = {model.model.language_model.layers[state.fastv_layer - 1].self_attn: probe}
     state._call = call
@@ -212,16 +219,22 @@ def fastv_forward(model, state, orig, kw: dict):
         with probing(model.config.text_config, probes):
             out = orig(**kw)
     finally:
-        state._call = None
+        # gradient checkpointing re-runs the layers (and these hooks) during backward: keep the call for it
+        if not (model.training and getattr(model, "is_gradient_checkpointing", False)):
+            state._call = None
     if call.chosen:
-        if cache is not None:
-            setattr(cache, _CACHE_SEL, (call.sel, call.P))
+        for c in (cache, out.get("past_key_values") if hasattr(out, "get") else None):
+            if isinstance(c, DynamicCache):  # the cache the caller passed, or the one the model made
+                setattr(c, _CACHE_SEL, (call.sel, call.P))
         if state._in_generate:
             state._fastv_prompt = (call.sel, call.P)
     if labels is not None:
         rows = call.memo["plan"][0] if "plan" in call.memo else None
         lab = labels if rows is None else labels.to(rows.device).gather(1, rows)
-        out.loss = model.loss_function(logits=out.logits, labels=lab, vocab_size=model.config.text_config.vocab_size)
+        extra = {k: kw[k] for k in ("num_items_in_batch", "ignore_index") if k in kw}
+        loss = model.loss_function(logits=out.logits, labels=lab, vocab_size=model.config.text_config.vocab_size,
+                                   **extra)
+        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})  # loss first, as unpatched
         if as_tuple:
             return out.to_tuple()
     return out

@@ -18,7 +18,7 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
 
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
    (``feature="vision"``: the ``vision_feature_layer`` patch features as the strategy selects them;
-   ``"projected"``: after the projector) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
+   ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
 2. apply: :func:`svdprune_utils.inputs.keep_image_tokens` cuts each run of N placeholders to K in
    ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels`` (positions compact, rows
    re-padded on their side) and the kept projected features go to the model as ``mm_encoder_outputs``.
@@ -41,15 +41,15 @@ from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
 from ._validate import check_budget
-from .fastv import FastVCall, fastv_pre_hook
+from .fastv import _CACHE_SEL, FastVCall, fastv_pre_hook
 from .inputs import image_runs, keep_image_tokens, kept_features
-from .selectors import SELECTORS, select_tokens
+from .selectors import SELECTORS, default_feature, select_tokens
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
 
 _FEATURES = ("vision", "projected")
-_CACHE_K = "_svdprune_image_tokens"  # attribute set on caches built from pruned prompts: K per image
+_CACHE_K = "_svdprune_image_tokens"  # set on caches built from pruned prompts: (K per image, caller's prompt length)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PruneState:
 
     method: a key of ``SELECTORS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others before the
     LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
-    pre-LLM selectors score); selector_kwargs: extra signals for ``select_tokens`` (``rank``,
+    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``select_tokens`` (``rank``,
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
     last call that saw images, images in batch order.
@@ -66,7 +66,7 @@ class PruneState:
 
     method: str
     budget: int
-    feature: str = "vision"
+    feature: str | None = None
     fastv_layer: int = 2
     selector_kwargs: dict = field(default_factory=dict)
     kept: torch.Tensor | None = None
@@ -77,6 +77,7 @@ class PruneState:
     _call: FastVCall | None = field(default=None, repr=False)
     _fastv_prompt: tuple | None = field(default=None, repr=False)  # (sel, P) of a no-cache generate
     _n: int = field(default=0, repr=False)  # tokens per image of the current FastV call
+    _last_index: torch.Tensor | None = field(default=None, repr=False)  # (B, L) caller columns of the last cut
 
 
 @dataclass
@@ -133,8 +134,8 @@ def _check(model, state: PruneState) -> None:
     if state.method not in SELECTORS:
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}")
     state.budget = check_budget(state.budget)
-    if state.feature not in _FEATURES:
-        raise ValueError(f"feature must be one of {_FEATURES}, got {state.feature!r}")
+    if state.feature is not None and state.feature not in _FEATURES:
+        raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
     n_layers = len(_lm_layers(model))
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
@@ -142,6 +143,9 @@ def _check(model, state: PruneState) -> None:
         k = state.kept
         if not isinstance(k, torch.Tensor) or k.ndim != 2 or k.is_floating_point() or k.dtype == torch.bool:
             raise ValueError("kept must be an integer LongTensor (n_images, K), e.g. model.svdprune.kept_indices")
+        n = tokens_per_image(model)
+        if k.numel() == 0 or int(k.min()) < 0 or int(k.max()) >= n or bool((k.diff(dim=1) <= 0).any()):
+            raise ValueError(f"kept must hold strictly ascending patch indices in [0, {n}) per image (row)")
         state.budget = int(k.shape[1])
 
 
@@ -181,7 +185,7 @@ def _vision_signals(model, state, kw, box):
     proj = list(out.pooler_output)
     if state.kept is not None:
         return out, proj, None
-    if state.feature == "projected":
+    if (state.feature or default_feature(state.method)) == "projected":
         return out, proj, torch.stack(proj)
     hs = getattr(out, "hidden_states", None)
     if hs is None:
@@ -227,7 +231,13 @@ def _prune(model, state, kw: dict, past: int = 0) -> Pruned | None:
     has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
     img = image_token_mask(model, ids, embeds)
     cache = _cache_of(kw)
-    cache_k = getattr(cache, _CACHE_K, None) if past else None
+    record = getattr(cache, _CACHE_K, None) if past else None
+    cache_k, prompt_len = record if record is not None else (None, 0)
+    if past and getattr(cache, _CACHE_SEL, None) is not None:
+        raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
+    if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
+        img = img.clone()
+        img[:, prompt_len:] = False
     if not bool(img.any()):
         return None
     if state.budget >= N and state.kept is None and cache_k is None:  # the unpatched run
@@ -259,6 +269,7 @@ def _prune(model, state, kw: dict, past: int = 0) -> Pruned | None:
     cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
                             tokens_per_image=N, pad_token_id=_pad_id(model))
     cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
+    state._last_index = cut["index"]
     return Pruned(inputs=cut, kept=kept, index=cut.pop("index"))
 
 
@@ -280,7 +291,7 @@ def prune_inputs(model, **inputs) -> Pruned:
     if state.method == "fastv":
         raise ValueError("fastv prunes inside the language model: call the patched model on the caller's inputs")
     out = _prune(model, state, dict(inputs))
-    return Pruned(inputs=dict(inputs), kept=None, index=None) if out is None else out
+    return Pruned(inputs=dict(inputs), kept=state.kept_indices, index=None) if out is None else out
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -299,8 +310,9 @@ class _PromptStreamer:
         self.inner.end()
 
 
-def _lengths(model, kw: dict, delta: int) -> None:
-    """max_length / min_length count the caller's prompt: move them by the ``delta`` tokens pruned."""
+def _lengths(model, kw: dict, delta: int, full_len: int) -> None:
+    """max_length / min_length count the caller's prompt (``full_len`` tokens): move them by the ``delta``
+    tokens pruned; a max_length the caller's prompt already reaches fails as it does unpatched."""
     gc = kw.get("generation_config")
 
     def effective(name):
@@ -312,6 +324,9 @@ def _lengths(model, kw: dict, delta: int) -> None:
     for limit, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
         value = effective(limit)
         if value is not None and effective(new) is None and (limit == "max_length" or value > 0):
+            if limit == "max_length" and full_len >= value:
+                raise ValueError(f"Input length of input_ids is {full_len}, but `max_length` is set to {value}. "
+                                 "Increase `max_length` or, better, set `max_new_tokens`.")
             kw[limit] = max(int(value) - delta, 0)
 
 
@@ -336,11 +351,13 @@ def _generate(self, *args, **kwargs):
     gc = kw.get("generation_config") or self.generation_config
     cache = _cache_of(kw)
     if state.method == "fastv":
-        if kw.get("prompt_lookup_num_tokens") or getattr(gc, "prompt_lookup_num_tokens", None) \
-                or kw.get("assistant_model") is not None:
+        n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy"))
+        prunes = state.budget < n_full or state.kept is not None or getattr(cache, _CACHE_SEL, None) is not None
+        if prunes and (kw.get("prompt_lookup_num_tokens") or getattr(gc, "prompt_lookup_num_tokens", None)
+                       or kw.get("assistant_model") is not None):
             raise NotImplementedError("fastv does not support assisted / prompt-lookup decoding (the draft "
                                       "tokens would need the pruned cache cropped layer by layer)")
-        if kw.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
+        if prunes and (kw.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None)):
             raise NotImplementedError("fastv does not support chunked prefill (prefill_chunk_size)")
         state._in_generate, state._fastv_prompt = True, None
         try:
@@ -354,16 +371,18 @@ def _generate(self, *args, **kwargs):
     new = pruned.inputs
     key = "input_ids" if kw.get("input_ids") is not None else "inputs_embeds"
     delta = kw[key].shape[1] - new[key].shape[1]
-    _lengths(self, new, delta)
+    _lengths(self, new, delta, kw[key].shape[1])
     if new.get("streamer") is not None and key == "input_ids":
         new["streamer"] = _PromptStreamer(new["streamer"], kw["input_ids"])
-    k = min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy")))
+    record = getattr(cache, _CACHE_K, None) if past else None
+    if record is None:  # a new prompt: K per image and the caller's prompt length (its image runs end there)
+        record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))), kw[key].shape[1])
     if isinstance(cache, Cache):
-        setattr(cache, _CACHE_K, k)
+        setattr(cache, _CACHE_K, record)
     out = orig(**new)
     out_cache = getattr(out, "past_key_values", None)
     if isinstance(out_cache, Cache):
-        setattr(out_cache, _CACHE_K, k)
+        setattr(out_cache, _CACHE_K, record)
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
 
 
@@ -379,19 +398,26 @@ def _forward(self, *args, **kwargs):
     cache = _cache_of(kw)
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = _prune(self, state, kw, past)
-    if pruned is not None and isinstance(cache, Cache):
-        setattr(cache, _CACHE_K, min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))))
-    return orig(**(kw if pruned is None else pruned.inputs))
+    out = orig(**(kw if pruned is None else pruned.inputs))
+    if pruned is not None and pruned.kept is not None:  # a pruned prompt: mark the cache it fills
+        record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))),
+                  (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1])
+        for c in (cache, getattr(out, "past_key_values", None)):
+            if isinstance(c, Cache):
+                setattr(c, _CACHE_K, record)
+    return out
 
 
 # ---------------------------------------------------------------------------------- public API
-def patch_llava(model, method: str = "svd", budget: int = 64, feature: str = "vision", *, fastv_layer: int = 2,
+def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | None = None, *, fastv_layer: int = 2,
                 kept: torch.Tensor | None = None, **selector_kwargs: Any):
     """Prune the visual tokens of a ``LlavaForConditionalGeneration`` in place; returns ``model``.
 
     method: a key of ``SELECTORS``; "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2),
     every other method before the LLM. budget: tokens kept per image (>= N: identical to unpatched).
-    feature: "vision" (vision_feature_layer patch features) or "projected", what pre-LLM methods score.
+    feature: "vision" (vision_feature_layer patch features) or "projected", what pre-LLM methods score;
+    None (default): the method's own default (``selectors.FEATURE_DEFAULTS``: "projected" for divprune, as
+    its authors' code scores the LLM's input; "vision" for the others).
     kept: a stored selection (n_images, K) (e.g. an earlier ``model.svdprune.kept_indices``) used instead of
     selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer).
     selector_kwargs: extra signals for ``select_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``).
@@ -401,7 +427,8 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str = "vi
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration, got {type(model).__name__}")
     state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer,
-                       selector_kwargs=dict(selector_kwargs), kept=None if kept is None else kept.clone())
+                       selector_kwargs=dict(selector_kwargs),
+                       kept=None if kept is None else torch.as_tensor(kept).clone())
     _check(model, state)
     if "attention" in selector_kwargs:
         raise ValueError("`attention` is computed by the patch (cls_attention, fastv); do not pass it")
@@ -410,7 +437,7 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str = "vi
     try:
         for name, fn in (("generate", _generate), ("forward", _forward)):
             state._originals[name] = (name in model.__dict__, model.__dict__.get(name))
-            setattr(model, name, _Patched(model, fn, getattr(model, name)))
+            setattr(model, name, _Patched(model, fn, name, model.__dict__.get(name)))
         for i, layer in enumerate(_lm_layers(model)):
             state._handles.append(layer.register_forward_pre_hook(_LayerHook(state, i), with_kwargs=True))
     finally:
@@ -421,15 +448,22 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str = "vi
 class _Patched:
     """``model.forward`` / ``model.generate`` under the patch: calls ``fn(model, ...)``; keeps the original's
     signature (generate inspects it). A plain object (no closure), so ``copy.deepcopy`` of the model gives
-    one whose methods run the copy."""
+    one whose methods run the copy, and pickling rebuilds it around the unpickled model."""
 
-    def __init__(self, model, fn, orig):
-        self.model, self.fn, self.orig = model, fn, orig
-        self.__signature__ = inspect.signature(orig)
-        self.__name__, self.__doc__ = getattr(orig, "__name__", fn.__name__), getattr(orig, "__doc__", None)
+    def __init__(self, model, fn, name: str, own=None):
+        self.model, self.fn, self.name, self.own = model, fn, name, own  # own: the instance attribute replaced
+        self.orig = own if own is not None else getattr(type(model), name).__get__(model)
+        self.__name__, self.__doc__ = name, getattr(self.orig, "__doc__", None)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.orig)
 
     def __call__(self, *args, **kwargs):
         return self.fn(self.model, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Patched, (self.model, self.fn, self.name, self.own)
 
 
 class _LayerHook:

@@ -423,3 +423,154 @@ def test_multi_turn_continuation_equals_a_fresh_run_of_the_conversation(tiny_lla
         fresh = tiny_llava.generate(conv, attention_mask=mask, pixel_values=x["pixel_values"], max_new_tokens=4,
                                     do_sample=False)
     assert torch.equal(cont, fresh) and cont.shape[1] == conv.shape[1] + 4
+
+
+# ------------------------------------------------------------------- found by a user's break-it pass
+class _ForceFirst:
+    """A logits processor making the first generated token the image placeholder id."""
+
+    def __init__(self):
+        self.first = True
+
+    def __call__(self, ids, scores):
+        if self.first:
+            scores[:] = -1e9
+            scores[:, IMAGE_TOKEN_ID] = 0
+            self.first = False
+        return scores
+
+
+@pytest.mark.parametrize("method", ["svd", "fastv"])
+def test_a_generated_placeholder_id_is_a_plain_token(tiny_llava, method):
+    from transformers import LogitsProcessorList
+
+    x = build_llava_inputs([(3, 1, 2), (5, 1, 4)])
+    S = x["input_ids"].shape[1]
+    patch_llava(tiny_llava, method=method, budget=16)
+    one = _gen(tiny_llava, x, n=4, logits_processor=LogitsProcessorList([_ForceFirst()]))
+    first = _gen(tiny_llava, x, n=2, logits_processor=LogitsProcessorList([_ForceFirst()]), return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        cont = tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
+                                   max_new_tokens=2, do_sample=False)
+    assert int(one[0, S]) == IMAGE_TOKEN_ID and torch.equal(cont, one)
+
+
+def test_fastv_hand_written_loop_with_the_cache_the_model_made(tiny_llava):
+    x = build_llava_inputs([(3, 1, 2), (5, 1, 4)])
+    S = x["input_ids"].shape[1]
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    ref = _gen(tiny_llava, x, n=4)[:, S:]
+    mask, toks = x["attention_mask"], []
+    with torch.no_grad():
+        out = tiny_llava(**x, use_cache=True)
+        for _ in range(4):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = tiny_llava(input_ids=nxt, attention_mask=mask, cache=out.past_key_values, use_cache=True)
+    assert torch.equal(torch.cat(toks, 1), ref)
+
+
+def test_fastv_loss_keeps_transformers_output_contract(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    labels = x["input_ids"].masked_fill((x["input_ids"] == IMAGE_TOKEN_ID) | (x["attention_mask"] == 0), -100)
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    with torch.no_grad():
+        out = tiny_llava(**x, labels=labels)
+        tup = tiny_llava(**x, labels=labels, return_dict=False)
+        summed = tiny_llava(**x, labels=labels, num_items_in_batch=torch.tensor(40))
+    assert torch.equal(tup[0], out.loss) and torch.equal(tup[1], out.logits)  # loss first, as unpatched
+    n_items = int((labels[:, 1:] != -100).sum())  # the kept rows' labels are the same text labels
+    torch.testing.assert_close(summed.loss, out.loss * n_items / 40)
+
+
+@pytest.mark.parametrize("method", ["fastv", "cls_attention", "svd"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    x = build_llava_inputs([(3, 1, 4)])
+    labels = x["input_ids"].masked_fill(x["input_ids"] == IMAGE_TOKEN_ID, -100)
+    grads = []
+    for ckpt in (False, True):
+        model = build_tiny_llava().train()
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        patch_llava(model, method=method, budget=16)
+        model(**x, labels=labels).loss.backward()
+        grads.append(model.model.language_model.layers[3].mlp.down_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_changing_knobs_mid_conversation(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    mask = torch.cat([x["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+    patch_llava(tiny_llava, method="fastv", budget=16)
+    one = _gen(tiny_llava, x, n=4)
+    first = _gen(tiny_llava, x, n=2, return_dict_in_generate=True)
+    tiny_llava.svdprune.budget = 576  # a FastV cache is continued as it was pruned
+    with torch.no_grad():
+        cont = tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
+                                   max_new_tokens=2, do_sample=False)
+    assert torch.equal(cont, one)
+    tiny_llava.svdprune.method = "svd"
+    with pytest.raises(ValueError, match="built by fastv"):
+        tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)
+    tiny_llava.svdprune.budget = 16
+    first = _gen(tiny_llava, x, n=2, return_dict_in_generate=True)
+    tiny_llava.svdprune.method = "fastv"
+    with pytest.raises(ValueError, match="pre-LLM method"):
+        tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)
+
+
+def test_fastv_at_full_budget_allows_assisted_decoding(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    ref = _gen(tiny_llava, x, prompt_lookup_num_tokens=3)
+    patch_llava(tiny_llava, method="fastv", budget=N)
+    assert torch.equal(_gen(tiny_llava, x, prompt_lookup_num_tokens=3), ref)
+
+
+def test_stored_selections_are_validated(tiny_llava):
+    for bad in (torch.zeros(2, 3, dtype=torch.long), torch.tensor([[3, 1]]), torch.tensor([[0, 576]]),
+                torch.tensor([[0.0, 1.0]])):
+        for method in ("fastv", "svd"):
+            with pytest.raises(ValueError, match="kept"):
+                patch_llava(tiny_llava, method=method, kept=bad)
+    patch_llava(tiny_llava, kept=[[0, 5, 9]])  # a nested list is taken as a tensor
+    assert tiny_llava.svdprune.budget == 3
+
+
+def test_a_patched_model_pickles(tiny_llava):
+    import io
+
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="svd", budget=16)
+    buf = io.BytesIO()
+    torch.save(tiny_llava, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(**x).logits, tiny_llava(**x).logits)
+    assert twin.svdprune.kept_indices.shape == (1, 16) and twin.forward.model is twin
+
+
+@pytest.mark.parametrize("method", [None, "svd", "fastv"])
+def test_capture_attention_with_inputs_embeds(tiny_llava, method):
+    x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
+    xe = {"inputs_embeds": tiny_llava.get_input_embeddings()(x["input_ids"]).detach(),
+          "attention_mask": x["attention_mask"], "pixel_values": x["pixel_values"]}
+    if method:
+        patch_llava(tiny_llava, method=method, budget=16)
+    a, b = capture_attention(tiny_llava, x, layers=[1, 3]), capture_attention(tiny_llava, xe, layers=[1, 3])
+    for layer in (1, 3):
+        assert torch.equal(a.image_positions[layer], b.image_positions[layer])
+        torch.testing.assert_close(a.lm[layer], b.lm[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_full_budget_prune_inputs_and_a_too_small_max_length(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="svd", budget=N)
+    p = prune_inputs(tiny_llava, **x)
+    assert p.inputs["input_ids"] is x["input_ids"] and torch.equal(p.kept, torch.arange(N)[None])
+    tiny_llava.svdprune.budget = 16
+    S = x["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"Input length of input_ids is {S}, but `max_length` is set to 10"):
+        tiny_llava.generate(**x, max_length=10)
