@@ -56,9 +56,11 @@ def build_model(args, device, dtype) -> LlavaForConditionalGeneration:
 
 def make_inputs(model, n_text: int, device, dtype, seed: int) -> dict:
     """One image + ``n_text`` random text tokens around the image placeholder run (LLaVA-1.5 layout)."""
+    from svdprune_utils.llava import tokens_per_image
+
     cfg = model.config
     vc = cfg.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
+    n_img = tokens_per_image(model)  # from the tower and the feature strategy
     g = torch.Generator().manual_seed(seed)
     vocab = min(cfg.text_config.vocab_size, cfg.image_token_id)
     text = torch.randint(3, vocab, (n_text,), generator=g)

@@ -50,10 +50,27 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+class UserError(Exception):
+    """A mistake in the command line or its files: printed as one line, exit code 2."""
+
+
+def _model_path(name: str) -> str:
+    """A local directory as given, or a hub id; "path not found" for what can only be a local path."""
+    p = pathlib.Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {name}: not a model directory (no config.json)")
+        return str(p)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+    if looks_local:
+        raise UserError(f"--model {name}: path not found")
+    return name
+
+
 def _load(model: str, device: str, dtype: str):
     from .evaluate import load_model
 
-    return load_model(model, device, dtype)
+    return load_model(_model_path(model), device, dtype)
 
 
 def _dataset(args):
@@ -65,25 +82,75 @@ def _dataset(args):
         n = len(ds) if args.limit is None else min(args.limit, len(ds))
         # rendered once (not once per method x budget); the per-pixel id map is not needed here
         return [{k: v for k, v in ds[i].items() if k not in ("idmap", "coverage")} for i in range(n)]
-    return load_vqa(args.dataset, split=args.split, limit=args.limit)
+    try:
+        return load_vqa(args.dataset, split=args.split, limit=args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--dataset: {e}") from None
+
+
+def _eval_args(args) -> tuple[list[str], list[int]]:
+    """Check every argument of ``eval`` before any work."""
+    from .selectors import SELECTORS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in SELECTORS]
+    if not methods or bad:
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(SELECTORS))}")
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise UserError(f"--budgets must be positive integers separated by commas, got {args.budgets!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise UserError(f"--budgets must be positive integers, got {args.budgets!r}")
+    for name in ("batch_size", "n", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
+        raise UserError("--prompt must contain <image> and {question}")
+    if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
+        raise UserError(f"--dataset {args.dataset}: file not found")
+    if args.out:
+        parent = pathlib.Path(args.out).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"--out {args.out}: directory {parent} does not exist or is not writable")
+    _model_path(args.model)
+    return methods, budgets
 
 
 def _eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .evaluate import LLAVA_PROMPT, SHORT_ANSWER, evaluate
+    from .evaluate import default_prompt, evaluate
 
+    methods, budgets = _eval_args(args)
+    label = args.dataset or "shapes"
+    done = pd.DataFrame()
+    if args.out and pathlib.Path(args.out).is_file() and pathlib.Path(args.out).stat().st_size:
+        done = pd.read_csv(args.out)
+        if "dataset" not in done or set(done["dataset"]) != {label}:
+            raise UserError(f"--out {args.out} holds other results; choose another file (or delete it)")
     model, processor = _load(args.model, args.device, args.dtype)
     data = _dataset(args)
-    prompt = LLAVA_PROMPT if args.dataset in (None, "shapes") else LLAVA_PROMPT.replace(
-        "{question}", "{question}" + SHORT_ANSWER)
-    table = evaluate(model, processor, data, methods=args.methods.split(","),
-                     budgets=[int(b) for b in args.budgets.split(",")], limit=args.limit,
-                     batch_size=args.batch_size, prompt=prompt)
+    prompt = args.prompt or default_prompt(processor)
+    if len(done) and set(done["n"]) != {len(data)}:
+        raise UserError(f"--out {args.out} holds results on {sorted(set(done['n']))} questions, this run has "
+                        f"{len(data)}; choose another file (or delete it)")
+    finished = set(zip(done.get("method", []), done.get("budget", [])))
+    jobs = [(m, b) for m in methods for b in budgets if (m, b) not in finished]
+    if finished:
+        print(f"resuming {args.out}: {len(finished)} job(s) done, {len(jobs)} to run")
+    tables = [done] if len(done) else []
+    for method, budget in jobs:  # one (method, budget) at a time, written as it finishes
+        row = evaluate(model, processor, data, methods=[method], budgets=[budget], batch_size=args.batch_size,
+                       prompt=prompt).assign(dataset=label)
+        tables.append(row)
+        if args.out:
+            pd.concat(tables, ignore_index=True).to_csv(args.out, index=False)
+    table = pd.concat(tables, ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(table.round(3).to_string(index=False))
+        print(table.drop(columns="dataset").round(3).to_string(index=False))
     if args.out:
-        table.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
     return 0
 
@@ -135,6 +202,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _train_tiny(args: argparse.Namespace) -> int:
     from .tiny import evaluate_tiny, train_tiny
 
+    for name in ("stage1_samples", "stage2_images", "stage2_steps", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'workers' else 1}, got {value}")
+    if args.stage1_from is not None and not pathlib.Path(args.stage1_from).is_dir():
+        raise UserError(f"--stage1-from {args.stage1_from}: path not found")
     over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_images=args.stage2_images,
                                   stage2_steps=args.stage2_steps).items() if v is not None}
     res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
@@ -146,8 +219,31 @@ def _train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default adds the usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+EVAL_EPILOG = """local JSON datasets (--dataset FILE.json): a JSON list of records
+  {"image": "img/0.png", "question": "what colour is the circle?", "answers": ["red", ...],
+   "qtype": "colour", "mask": [[0, 1, ...], ...]}
+  image: a path, relative to the JSON file or absolute (8- or 16-bit PNG/JPEG); answers: a non-empty list of
+  strings (or "answer": a string); qtype (optional): a string, for per-type columns; mask (optional): the answer
+  region as a 24x24 (N-entry) boolean grid, for answer-region recall. Every record is checked before the model
+  runs. Results are written to --out after every (method, budget) job; rerunning with the same --out skips
+  the jobs already there."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m svdprune_utils", description=__doc__.split("\n")[0])
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"python -m svdprune_utils: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m svdprune_utils", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="execute the notebooks on copies and write figures/")
     rep.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/[0-9]*.ipynb)")
@@ -155,21 +251,33 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
     rep.set_defaults(func=_reproduce)
 
-    from .tiny import DEFAULT_PATH, PROMPT
+    from .tiny import DEFAULT_PATH, PROMPT, TRAIN_PATH
 
-    ev = sub.add_parser("eval", help="accuracy vs budget for methods x budgets")
-    ev.add_argument("--model", default=str(DEFAULT_PATH), help="local dir or hub id (default: embedded model)")
-    ev.add_argument("--dataset", default=None, help="'shapes' (default), a local .json, or a HF dataset id")
+    ev = sub.add_parser("eval", help="accuracy vs budget for methods x budgets", epilog=EVAL_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Accuracy, per-type accuracy, answer-region recall and prefill time of every "
+                                    "method at every budget (greedy answers, VQA scoring).")
+    ev.add_argument("--model", default=str(DEFAULT_PATH),
+                    help="a local model directory or a hub id such as llava-hf/llava-1.5-7b-hf (default: the "
+                         "embedded tiny model)")
+    ev.add_argument("--dataset", default=None, help="'shapes' (default: ShapesVQA), a local .json (format below), "
+                                                     "or a Hugging Face dataset id")
     ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
-    ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions")
-    ev.add_argument("--methods", default="svd,fastv,cls_attention,random")
-    ev.add_argument("--budgets", default="576,192,128,64,32,16")
+    ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions to generate (default 600)")
+    ev.add_argument("--methods", default="svd,fastv,cls_attention,random",
+                    help="comma-separated registry methods (default: svd,fastv,cls_attention,random)")
+    ev.add_argument("--budgets", default="576,192,128,64,32,16",
+                    help="comma-separated image tokens kept per image (default: 576,192,128,64,32,16)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", help="write the table as CSV")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                    help="auto: fp16 on CUDA, fp32 on CPU")
+    ev.add_argument("--seed", type=int, default=0, help="ShapesVQA seed (default 0)")
+    ev.add_argument("--prompt", default=None,
+                    help="prompt template with <image> and {question} (default: the LLaVA-1.5 prompt, with its "
+                         "short-answer instruction when the model's vocabulary can read it)")
+    ev.add_argument("--out", help="CSV file, written after every job; an existing one is resumed")
     ev.set_defaults(func=_eval)
 
     de = sub.add_parser("demo", help="answers at 576/64/16 tokens for svd, fastv, random + overlay figure")
@@ -181,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     de.set_defaults(func=_demo, prompt=PROMPT)
 
     tr = sub.add_parser("train-tiny", help="train the embedded tiny LLaVA from scratch")
-    tr.add_argument("--out", default=str(DEFAULT_PATH))
+    tr.add_argument("--out", default=str(TRAIN_PATH),
+                    help=f"output directory (default {TRAIN_PATH.relative_to(REPO)}; the shipped model in "
+                         f"{DEFAULT_PATH.relative_to(REPO)} is only replaced when named here)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
     tr.add_argument("--workers", type=int, default=1, help="DataLoader processes rendering scenes")

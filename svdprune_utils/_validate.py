@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_features", "check_budget", "restore_kind"]
+__all__ = ["as_features", "check_budget", "restore_kind", "unit_scale"]
 
 
 def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool, bool]:
@@ -26,7 +26,7 @@ def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -
     if was_numpy:
         if x.dtype.kind not in "f":
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.array(x, copy=True) if not x.flags.writeable else np.ascontiguousarray(x))
     elif isinstance(x, torch.Tensor):
         if not (x.is_floating_point()):
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
@@ -65,3 +65,17 @@ def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:
     if not batched:
         t = t[0]
     return t.cpu().numpy() if was_numpy else t
+
+
+def unit_scale(t: torch.Tensor) -> torch.Tensor:
+    """A new fp64 tensor: each sample of (B, N, d) ``t`` divided by the power of two nearest its largest
+    |entry| (so that entries are O(1)). Scale-invariant quantities (leverage, cosine distances, residual
+    ratios, rankings by norm) then neither overflow (x² > fp64 max from ~1e155) nor underflow (~1e-160);
+    a power of two divides exactly, so inputs of ordinary scale give bit-identical results. All-zero
+    samples are left as they are."""
+    if t.ndim != 3:
+        raise ValueError(f"unit_scale needs a (B, N, d) batch, got shape {tuple(t.shape)}")
+    t = t.double()
+    peak = t.abs().amax(dim=(1, 2), keepdim=True)
+    scale = torch.where(peak > 0, torch.exp2(torch.round(torch.log2(peak.clamp_min(1e-300)))), 1.0)
+    return t / scale

@@ -13,7 +13,8 @@ features passed as ``mm_encoder_outputs`` (:func:`answer_fastv`). Answers are me
 kept set): configurations that keep the same tokens share one language-model run.
 
 A configuration is ``{"method": <SELECTORS key>, "feature": "vision" | "projected" | int, **signals}``:
-``feature`` (default "vision" = ``vision_feature_layer``) is what the selector scores (an int: another
+``feature`` (default: the method's, ``selectors.default_feature`` — "projected" for divprune, else "vision" =
+``vision_feature_layer``) is what the selector scores (an int: another
 ``hidden_states`` layer, CLS dropped); the language model always receives the projected features of
 ``vision_feature_layer``, as in the patch.
 """
@@ -27,12 +28,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from .evaluate import LLAVA_PROMPT, _answers, model_inputs, vqa_score
+from ._validate import unit_scale
 from .attention import vision_cls_attention
 from .inputs import keep_image_tokens, kept_features
-from .selectors import score_tokens, select_tokens, top_k
+from .selectors import default_feature, score_tokens, select_tokens, top_k
 
 __all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
            "evaluate_cached"]
@@ -85,9 +88,8 @@ def _negative(i: int, n: int) -> int:
 
 def _left_pad(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of 1-D id rows, padded on the left (as the processor pads)."""
-    L = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([torch.full((L - len(r),), pad, dtype=r.dtype), r]) for r in rows])
-    mask = torch.stack([(torch.arange(L) >= L - len(r)).long() for r in rows])
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left")
     return ids.to(device), mask.to(device)
 
 
@@ -150,7 +152,7 @@ def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
     method = cfg.pop("method", "svd")
     if method == "fastv":
         raise ValueError("fastv prunes inside the language model: no kept set before it runs (see answer_fastv)")
-    X = cache.feature(cfg.pop("feature", "vision"))
+    X = cache.feature(cfg.pop("feature", default_feature(method)))
     rows = torch.arange(X.shape[0]) if samples is None else torch.as_tensor(list(samples), dtype=torch.long)
     if cache.grid[0] * cache.grid[1] == X.shape[1]:
         cfg.setdefault("grid", cache.grid)
@@ -250,10 +252,13 @@ def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None =
     span of the kept rows, and Σ_{j>K} σ_j² / Σ σ_j². fp64; the span comes from the eigenvectors of the
     kept rows' smaller Gram matrix (eigenvalues above max(K, d)·ε·λ_max), agreeing with the metric to ~1e-9.
     """
-    A = X.double()
+    A = unit_scale(X)  # the ratios are scale-invariant; O(1) entries keep the squares finite
     n, N, d = A.shape
     K = kept.shape[1]
-    sig2 = torch.linalg.svdvals(A) ** 2 if sigma2 is None else sigma2.to(A)
+    if sigma2 is None:
+        sig2 = torch.linalg.svdvals(A) ** 2
+    else:  # the caller's σ² of X, rescaled like A
+        sig2 = sigma2.to(A) * (A.abs().amax(dim=(1, 2)) / X.double().abs().amax(dim=(1, 2)).clamp_min(1e-300))[:, None] ** 2
     total = sig2.sum(1).clamp_min(torch.finfo(torch.float64).tiny)
     floor = (sig2[:, K:].sum(1) / total).cpu().numpy()
     if K >= N:

@@ -117,8 +117,9 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _device(model: torch.nn.Module) -> torch.device:
+    """``model.device`` (transformers models); a plain ``nn.Module`` has none: its first parameter's."""
+    return model.device if hasattr(model, "device") else next(model.parameters()).device
 
 
 def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -151,7 +152,7 @@ def measure_prefill(model: torch.nn.Module, inputs: dict, repeats: int = 5, warm
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = _device_of(model)
+    device = _device(model)
     times = time_call(lambda: model(**inputs, use_cache=True), device, repeats, warmup)
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
@@ -168,7 +169,7 @@ def measure_generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int =
     """
     if max_new_tokens < 2:
         raise ValueError("max_new_tokens must be >= 2 to time decoding steps")
-    device = _device_of(model)
+    device = _device(model)
     starts: list[float] = []
     ends: list[float] = []
 
@@ -247,8 +248,7 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
         raise ValueError(f"prefill_table times one prompt; got a batch of {ids.shape[0]}")
     n_img = int((ids == cfg.image_token_id).sum())
     n_text = ids.shape[1] - n_img
-    device = _device_of(model)
-    dtype = next(model.parameters()).dtype
+    device, dtype = model.device, model.dtype
     jobs = [(m, min(int(b), n_img)) for m in methods for b in sorted(set(budgets), reverse=True)]
     jobs = list(dict.fromkeys(jobs))
     base_job = next((j for j in jobs if j[1] == n_img), ("svd", n_img))

@@ -19,17 +19,20 @@ import time
 from contextlib import contextmanager
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .llava import patch_llava, unpatch_llava
+from .efficiency import synchronize
+from .inputs import LLAVA_PROMPT
+from .llava import patch_llava, tokens_per_image, unpatch_llava
 from .metrics import region_recall
 
-__all__ = ["normalize_answer", "vqa_score", "evaluate", "model_inputs", "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
+__all__ = ["normalize_answer", "vqa_score", "evaluate", "model_inputs", "check_record", "to_rgb", "default_prompt",
+           "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
 
-LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -66,9 +69,53 @@ def _answers(item: dict) -> list[str]:
     raise ValueError(f"dataset item has neither 'answer' nor 'answers' (keys: {sorted(item)})")
 
 
-def _sync(model) -> None:
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
+def check_record(item, where: str, n_tokens: int | None = None) -> None:
+    """ValueError naming ``where`` (e.g. "record 3 of data.json") and the field, for a dataset record that
+    cannot be evaluated: ``question`` not a non-empty string; ``answers`` absent, empty, not a list of
+    strings (or {"answer": str} dicts) and no string ``answer``; ``qtype`` not a string; ``mask`` not
+    boolean-like with ``n_tokens`` entries (when given)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: a record must be a dict, got {type(item).__name__}")
+    q = item.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {q!r}")
+    if item.get("answers") is not None:
+        a = item["answers"]
+        ok = isinstance(a, str) and a.strip() or isinstance(a, list) and a and all(
+            isinstance(x, str) or isinstance(x, dict) and isinstance(x.get("answer"), str) for x in a)
+        if not ok:
+            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {a!r}")
+    elif not isinstance(item.get("answer"), (str, int)) or isinstance(item.get("answer"), bool):
+        raise ValueError(f"{where}: needs 'answers' (a non-empty list of strings) or 'answer' (a string)")
+    if "qtype" in item and not isinstance(item["qtype"], str):
+        raise ValueError(f"{where}: 'qtype' must be a string, got {item['qtype']!r}")
+    if item.get("mask") is not None and n_tokens is not None:
+        m = np.asarray(item["mask"])
+        if m.size != n_tokens or m.dtype.kind not in "biu":
+            raise ValueError(f"{where}: 'mask' must be a boolean answer region with {n_tokens} entries "
+                             f"(e.g. 24x24), got shape {m.shape} dtype {m.dtype}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image. 16-bit (I;16*, and I) images are scaled by 255/65535, float (F)
+    images are read as [0, 1]; ``convert("RGB")`` alone clips a 16-bit image to white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        a = a * 255.0 if image.mode == "F" else a / 257.0
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def default_prompt(processor) -> str:
+    """The LLaVA-1.5 prompt for a model: with the short-answer instruction of the LLaVA VQA protocol when the
+    model's tokenizer can read it (no unknown tokens), else the bare prompt (the embedded model's word-level
+    vocabulary reads the instruction as <unk>)."""
+    tok = getattr(processor, "tokenizer", processor)
+    unk = getattr(tok, "unk_token_id", None)
+    ids = tok(SHORT_ANSWER, add_special_tokens=False)["input_ids"]
+    if unk is not None and unk in ids:
+        return LLAVA_PROMPT
+    return LLAVA_PROMPT.replace("{question}", "{question}" + SHORT_ANSWER)
 
 
 @contextmanager
@@ -79,7 +126,7 @@ def _prefill_timer(model):
 
     def post(module, args, kwargs, output):
         if box["t0"] is not None:
-            _sync(model)
+            synchronize(model.device)
             box["times"].append(time.perf_counter() - box["t0"])
             box["t0"] = None
 
@@ -94,7 +141,7 @@ def model_inputs(model, processor, items, prompt: str = LLAVA_PROMPT) -> dict:
     """Processor inputs for dataset ``items`` (dicts with ``image``, ``question``): prompts
     ``prompt.format(question=...)``, left-padded, on the model's device, ``pixel_values`` in the model's dtype.
     The one builder of model inputs from dataset records (evaluation, cached ablations, bias analysis)."""
-    images = [it["image"].convert("RGB") if isinstance(it["image"], Image.Image) else it["image"] for it in items]
+    images = [to_rgb(it["image"]) if isinstance(it["image"], Image.Image) else it["image"] for it in items]
     x = processor(images=images, text=[prompt.format(question=it["question"]) for it in items],
                   return_tensors="pt", padding=True, padding_side="left")
     return {k: v.to(model.device, model.dtype) if k == "pixel_values" else v.to(model.device) for k, v in x.items()}
@@ -111,7 +158,7 @@ def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tok
     for idx in _batches(len(idx_all), batch_size):
         items = [dataset[idx_all[i]] for i in idx]
         inputs = model_inputs(model, processor, items, prompt)
-        _sync(model)
+        synchronize(model.device)
         timer["t0"] = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]
@@ -165,8 +212,9 @@ def evaluate(
     if n <= 0:
         raise ValueError("the dataset is empty (or limit <= 0)")
     index = list(range(n))
-    vc = model.config.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
+    n_img = tokens_per_image(model)
+    for i in index:  # every record is checked before the model runs
+        check_record(dataset[i], f"dataset record {i}", n_img)
     samples = []
     jobs = [(m, int(b)) for m in methods for b in budgets]
     bar = tqdm(jobs, desc="method x budget", disable=not progress)
@@ -224,14 +272,19 @@ def load_vqa(source: str, split: str = "validation", limit: int | None = None) -
         records = json.loads(path.read_text())
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a JSON list of records")
+        records = records[:limit] if limit else records
+        for i, r in enumerate(records):  # every record is checked before any image is read
+            check_record(r, f"record {i} of {path}")
+            if not isinstance(r.get("image"), str):
+                raise ValueError(f"record {i} of {path}: 'image' must be a path string, got {r.get('image')!r}")
         out = []
-        for i, r in enumerate(records[:limit] if limit else records):
-            missing = {"image", "question"} - set(r)
-            if missing or not ({"answer", "answers"} & set(r)):
-                raise ValueError(f"record {i} of {path} lacks {sorted(missing) or ['answer/answers']}")
+        for i, r in enumerate(records):
             img = pathlib.Path(r["image"])
             img = img if img.is_absolute() else path.parent / img
-            out.append({**r, "image": Image.open(img).convert("RGB"), "answers": _answers(r)})
+            if not img.is_file():
+                raise FileNotFoundError(f"record {i} of {path}: image not found: {img}")
+            with Image.open(img) as im:
+                out.append({**r, "image": to_rgb(im), "answers": _answers(r)})
         return out
     from datasets import load_dataset  # the hub path: needs network or a populated HF cache
 

@@ -26,9 +26,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["POSITIONS", "image_runs", "keep_image_tokens", "kept_features"]
+__all__ = ["POSITIONS", "LLAVA_PROMPT", "image_runs", "keep_image_tokens", "kept_features"]
 
 POSITIONS = ("compact", "original")
+LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the LLaVA-1.5 conversation format, one image
 # what each sequence-shaped input is padded with after the cut
 _FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "labels": -100, "inputs_embeds": 0.0}
 

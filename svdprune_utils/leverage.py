@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validate import as_features, restore_kind
+from ._validate import as_features, restore_kind, unit_scale
 
 __all__ = ["leverage_scores", "numerical_rank", "resolve_rank", "METHODS"]
 
@@ -100,8 +100,8 @@ def _approx(X: torch.Tensor, k: int, seed: int, oversample: int | None, niter: i
     devices = [X.device] if X.device.type == "cuda" else []
     sig, usq = [], []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        for b in range(B):
+        for b in range(B):  # every sample draws from the same seed: a batch equals each sample alone
+            torch.manual_seed(int(seed))
             U, S, _ = torch.svd_lowrank(X[b], q=q, niter=niter)
             sig.append(S)
             usq.append(U**2)
@@ -141,9 +141,11 @@ def leverage_scores(
     T, was_numpy, batched = as_features(X, "X")
     in_dtype = T.dtype
     # fp64 maths whatever the input: bf16/fp16 linalg is unsupported on CPU and fp32 Gram is too coarse.
-    work = T.to(torch.float32 if method == "approx" and in_dtype != torch.float64 else torch.float64)
+    work = unit_scale(T)  # leverage is scale-invariant: O(1) entries keep the Gram matrix finite and exact
     if center:
         work = work - work.mean(dim=1, keepdim=True)
+    if method == "approx" and in_dtype != torch.float64:
+        work = work.float()
     N, d = work.shape[1:]
     rtol = _rtol((N, d), in_dtype, method)
 

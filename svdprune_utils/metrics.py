@@ -20,7 +20,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from ._validate import as_features
+from ._validate import as_features, check_budget, unit_scale
 
 __all__ = [
     "projection_residual",
@@ -34,18 +34,22 @@ __all__ = [
 
 
 def _single(X: Any, name: str = "X") -> np.ndarray:
+    """X as a fp64 numpy (N, d) matrix with O(1) entries (:func:`unit_scale`; the residuals are ratios, so
+    the scale cancels, and ‖X‖² stays finite and non-zero for any finite fp64 input)."""
     T, _, batched = as_features(X, name)
     if batched:
         raise ValueError(f"{name} must be a single (N, d) matrix here, got shape {tuple(T.shape)}")
-    return T[0].double().cpu().numpy()
+    return unit_scale(T)[0].cpu().numpy()
 
 
-def _indices(kept: Any, N: int, name: str = "kept") -> np.ndarray:
+def _indices(kept: Any, N: int | None, name: str = "kept") -> np.ndarray:
     idx = np.asarray(kept.detach().cpu() if isinstance(kept, torch.Tensor) else kept)
+    if idx.ndim == 1 and idx.size == 0:
+        idx = idx.astype(np.int64)  # an empty list is an empty index set
     if idx.ndim != 1 or idx.dtype.kind not in "iu":
         raise ValueError(f"{name} must be a 1-D array of integer indices, got shape {idx.shape} dtype {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= N):
-        raise ValueError(f"{name} has indices outside [0, {N})")
+    if idx.size and (idx.min() < 0 or (N is not None and idx.max() >= N)):
+        raise ValueError(f"{name} has indices outside [0, {N if N is not None else 'inf'})")
     if np.unique(idx).size != idx.size:
         raise ValueError(f"{name} has repeated indices")
     return idx
@@ -77,11 +81,12 @@ def projection_residual(X: Any, kept: Any) -> float:
         return 0.0
     if idx.size == 0:
         return 1.0
-    Q, R = np.linalg.qr(A[idx].T)  # columns of Q span the kept rows
-    diag = np.abs(np.diag(R))
-    Q = Q[:, diag > diag.max(initial=0.0) * max(A.shape) * np.finfo(float).eps]
-    proj = (A @ Q) @ Q.T
-    return float(np.sum((A - proj) ** 2) / total)
+    # rank-revealing: the right singular vectors of X[S] with σ above the numerical-rank threshold span
+    # the kept rows exactly, whether or not the kept rows are linearly independent
+    _, sig, Vt = np.linalg.svd(A[idx], full_matrices=False)
+    V = Vt[sig > sig.max(initial=0.0) * max(A.shape) * np.finfo(float).eps].T
+    proj = (A @ V) @ V.T
+    return float(min(max(np.sum((A - proj) ** 2) / total, 0.0), 1.0))
 
 
 def optimal_residual(X: Any, K: int) -> float:
@@ -137,7 +142,7 @@ def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) ->
     if not np.all(np.isfinite(s)):
         raise ValueError(f"scores contain {int((~np.isfinite(s)).sum())} non-finite value(s)")
     H, W = grid_shape(s.size, grid)
-    K = min(int(K), s.size)
+    K = min(check_budget(K), s.size)
     top = np.sort(np.argsort(-s, kind="stable")[:K])
     rows, cols = np.divmod(top, W)
     all_rows = np.arange(s.size) // W
@@ -154,9 +159,10 @@ def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) ->
 
 
 def jaccard(a: Any, b: Any) -> float:
-    """|A ∩ B| / |A ∪ B| of two index sets (1.0 for two empty sets)."""
-    sa = set(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a).ravel().tolist())
-    sb = set(np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b).ravel().tolist())
+    """|A ∩ B| / |A ∪ B| of two index sets, each a 1-D array of distinct non-negative integers (1.0 for two
+    empty sets). ValueError for anything else (floats, booleans, 2-D arrays, repeated indices)."""
+    sa = set(_indices(a, None, "a").tolist())
+    sb = set(_indices(b, None, "b").tolist())
     union = sa | sb
     return 1.0 if not union else len(sa & sb) / len(union)
 
@@ -166,7 +172,10 @@ def region_recall(kept: Any, mask: Any) -> float:
 
     NaN when the mask is empty (no answer region: recall is undefined).
     """
-    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool).ravel()
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    if m.dtype.kind not in "biu" or (m.dtype.kind != "b" and not np.isin(m, (0, 1)).all()):
+        raise ValueError(f"mask must be boolean (or 0/1), got dtype {m.dtype}")
+    m = m.astype(bool).ravel()
     idx = _indices(kept, m.size)
     n = int(m.sum())
     return float("nan") if n == 0 else float(m[idx].sum() / n)

@@ -22,11 +22,12 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ._validate import as_features, check_budget
+from ._validate import as_features, check_budget, unit_scale
 from .leverage import leverage_scores
 from .metrics import grid_shape
 
-__all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED"]
+__all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED", "FEATURE_DEFAULTS",
+           "default_feature"]
 
 SELECTORS: dict[str, Callable[..., torch.Tensor]] = {}
 SCORERS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -45,7 +46,12 @@ def register(name: str, scorer: Callable[..., torch.Tensor] | None = None):
 
 
 def top_k(scores: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices of the ``budget`` largest scores per row of (B, N), ties to the lower index, sorted."""
+    """Indices of the ``budget`` largest scores per row of (B, N), ties to the lower index, sorted.
+    ``budget`` is checked as in :func:`select_tokens` (a positive int; >= N keeps every index)."""
+    budget = check_budget(budget)
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating (B, N) tensor, got {type(scores).__name__} "
+                         f"{tuple(getattr(scores, 'shape', ()))}")
     if torch.isnan(scores).any():
         raise ValueError(f"scores contain {int(torch.isnan(scores).sum())} NaN value(s)")
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -76,7 +82,7 @@ def _score_svd(features, *, rank=None, budget=None, center=False, solver="exact"
 
 
 def _score_norm(features):
-    return torch.linalg.vector_norm(features.double(), dim=-1)
+    return torch.linalg.vector_norm(unit_scale(features), dim=-1)  # same ranking, no overflow
 
 
 def _score_attention(features, *, attention=None):
@@ -157,16 +163,26 @@ def select_fastv(features, budget, *, attention=None):
 def select_divprune(features, budget):
     """DivPrune (Alvar et al., CVPR 2025): greedy max–min diversity with distance 1 − cos(x_i, x_j).
 
-    Starts from the token with the largest summed distance to all others (the most isolated), then
-    repeatedly adds the token whose minimum distance to the kept set is largest (ties: lower index).
-    An all-zero token has no direction: it normalises to zero and sits at distance 1 from every token.
+    Follows the authors' code (vbdi/divprune, ``LLaVA/llava/model/llava_arch.py``, ``DivPrune``): with
+    D = 1 − cos over the tokens, the first kept token maximises its nearest-neighbour distance (the
+    second-smallest entry of its column of D, the smallest being its own 0); every next one maximises its
+    minimum distance to the kept set; ties go to the first index (``torch.argmax``); the kept indices are
+    sorted (``keep_indexs.sort()``). The authors score the projected tokens (the LLM's input): that is this
+    method's default feature in the patch and the ablations (``FEATURE_DEFAULTS``). Differences: fp64 here;
+    kept tokens are excluded explicitly (the official loop relies on their zero self-distance, so it can
+    repeat an index once every remaining token duplicates a kept one); an all-zero token normalises to
+    zero and sits at distance 1 from every token (the official code divides by its zero norm).
     """
-    X = torch.nn.functional.normalize(features.double(), dim=-1)
+    X = torch.nn.functional.normalize(unit_scale(features), dim=-1)
     B, N = X.shape[:2]
     out = []
     for b in range(B):
         D = 1.0 - X[b] @ X[b].T  # (N, N)
-        first = int(torch.argmax(D.sum(dim=1)))  # argmax returns the first maximal index
+        if N > 1:
+            nearest = torch.topk(D, 2, dim=0, largest=False).values[1]  # each column's nearest-neighbour distance
+        else:
+            nearest = D[0]
+        first = int(torch.argmax(nearest))  # argmax returns the first maximal index
         chosen = [first]
         mind = D[first].clone()
         mind[first] = -math.inf
@@ -192,6 +208,16 @@ def select_pivoted_qr(features, budget):
 
 
 SCORE_BASED = tuple(SCORERS)
+
+# What each method scores by default in the patch and the cached ablations ("vision": the tower's
+# vision_feature_layer patch features; "projected": after the projector, the LLM's input), following each
+# method's official code where it says; the user can override per call (``feature=``).
+FEATURE_DEFAULTS = {"divprune": "projected"}
+
+
+def default_feature(method: str) -> str:
+    """The feature a method scores unless told otherwise ("vision" or "projected")."""
+    return FEATURE_DEFAULTS.get(method, "vision")
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -44,13 +44,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from . import shapes as S
-from .inputs import keep_image_tokens
+from .inputs import LLAVA_PROMPT, keep_image_tokens
 
 NAME = "tiny-llava-shapes"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / NAME
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
+TRAIN_PATH = Path(__file__).resolve().parent.parent / "out" / NAME  # train_tiny's default: never the shipped model
+PROMPT = LLAVA_PROMPT
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -183,11 +185,8 @@ def _prompt_head(v: dict, question: str, n_image: int | None) -> list[int]:
 
 def _left_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     """(B, L) long tensor of the id lists ``rows`` right-aligned, ``fill`` on their left (as the processor pads)."""
-    n = max(map(len, rows))
-    out = torch.full((len(rows), n), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
-    return out
+    return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=fill,
+                        padding_side="left")
 
 
 def encode_ids(questions, answers=None, n_image: int = S.GRID ** 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +250,7 @@ def answer(model, images, questions, budget: int | None = None, seed: int = 0,
     at random (``np.random.default_rng([seed, i])`` for question i, kept in raster order) — the
     "random" baseline; the K kept tokens take contiguous positions."""
     inv = {i: w for w, i in vocab().items()}
-    dev = next(model.parameters()).device
+    dev = model.device
     out = []
     for b in range(0, len(questions), batch_size):
         qs = questions[b:b + batch_size]
@@ -432,7 +431,7 @@ def stage1_accuracy(model, heads, batch) -> dict[str, float]:
     """Per-patch accuracy of the stage-1 heads on object patches (colour, shape, quadrant) and on
     card patches (digit), for a collated ``_Encoded`` batch."""
     pv, dense = batch[0], batch[1]
-    h = vision_features(model, pv.to(next(model.parameters()).device))[:, 1:]
+    h = vision_features(model, pv.to(model.device))[:, 1:]
     logits = heads.dense(heads.norm(h)).split(heads.splits, dim=-1)
     dense = dense.to(h.device)
     obj, card = dense[:, 1] < len(S.SHAPES), dense[:, 2] < len(S.DIGITS)
@@ -573,7 +572,7 @@ def feature_pool(model, n_images: int, questions: int, seed: int, workers: int =
     Memory: n x 576 x d x 2 bytes (590 MB for 8000 scenes at d = 64)."""
     from tqdm.auto import tqdm
 
-    dev = next(model.parameters()).device
+    dev = model.device
     feats, dense, qas, regions = [], [], [], []
     for pv, d, _, q, reg in tqdm(_loader(n_images, seed, batch_size, workers, questions), desc="stage-2 pool",
                                  total=math.ceil(n_images / batch_size), disable=not progress, leave=False):
@@ -603,14 +602,7 @@ def _write_log(path, log):
         w.writerows(log)
 
 
-def _lr(step, base, warmup, total=None):
-    """Linear warmup over ``warmup`` steps, then constant (``total`` None) or cosine decay to 0 at step ``total``."""
-    if step < warmup or total is None:
-        return base * min(1.0, (step + 1) / warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = "auto",
+def train_tiny(out_dir: str | Path = TRAIN_PATH, seed: int = 0, device: str = "auto",
                recipe: Recipe = Recipe(), time_budget: float | None = None, workers: int = 0,
                progress: bool = True, stage1_from: str | Path | None = None, **overrides) -> dict:
     """Train the tiny LLaVA from scratch (``recipe``, with ``overrides`` of its fields) and save
@@ -666,17 +658,21 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         _write_log(out_dir / "train_log.csv", log)
         return row
 
-    def step_(opt, params, loss, step, total=None):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, g["initial_lr"], recipe.warmup_steps, total)
+    def step_(opt, params, loss):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        opt.schedule.step()
 
-    def optimizer(params, lr):
-        return torch.optim.AdamW([dict(params=params, initial_lr=lr)], lr=lr, weight_decay=recipe.weight_decay,
-                                 betas=(0.9, 0.98))
+    def optimizer(params, lr, total=None):
+        """AdamW with transformers' linear warmup, then constant (``total`` None) or cosine decay to 0 at ``total``."""
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+        opt.schedule = (get_constant_schedule_with_warmup(opt, recipe.warmup_steps) if total is None else
+                        get_cosine_schedule_with_warmup(opt, recipe.warmup_steps, total))
+        return opt
 
     # Stage 1: vision tower alone, dense per-patch + CLS targets.
     tower = model.model.vision_tower
@@ -697,7 +693,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         for batch in _loader(recipe.stage1_samples, seed * 1000 + 10, recipe.stage1_batch_size, workers):
             pv, dense, present = (t.to(dev, non_blocking=True) for t in batch[:3])
             loss = _stage1_loss(model, heads, pv, dense, present)
-            step_(opt, params, loss, step)
+            step_(opt, params, loss)
             step, seen = step + 1, seen + len(pv)
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.update(len(pv))
@@ -714,7 +710,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
                         progress=progress)
     model.train()
     params = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
-    opt = optimizer(params, recipe.stage2_lr)
+    opt = optimizer(params, recipe.stage2_lr, recipe.stage2_steps if recipe.stage2_schedule == "cosine" else None)
     rng = np.random.default_rng([seed, 2])  # scenes and questions of each step
     gen = torch.Generator().manual_seed(seed + 2)  # background patches kept while token dropping
     if recipe.grounding > 0:  # the grounding loss reads attention probabilities
@@ -725,7 +721,7 @@ def train_tiny(out_dir: str | Path = DEFAULT_PATH, seed: int = 0, device: str = 
         batch = _pool_batch(pool, rng, recipe.batch_size, recipe.key_word_labels, dev)
         loss = _stage2_loss(model, *batch, grounding=recipe.grounding, n_keep=recipe.image_tokens, generator=gen,
                             background_weight=step > recipe.background_weight_from * recipe.stage2_steps)
-        step_(opt, params, loss, step - 1, recipe.stage2_steps if recipe.stage2_schedule == "cosine" else None)
+        step_(opt, params, loss)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
         last = step == recipe.stage2_steps or (time_budget is not None and time.time() - t0 > time_budget)

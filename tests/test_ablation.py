@@ -30,7 +30,8 @@ def setup():
         ("svd", {}, {"method": "svd"}),
         ("svd", {"rank": 0.9, "center": True}, {"method": "svd", "rank": 0.9, "center": True}),
         ("cls_attention", {}, {"method": "cls_attention"}),
-        ("divprune", {"feature": "projected"}, {"method": "divprune", "feature": "projected"}),
+        ("divprune", {}, {"method": "divprune"}),  # both default to the projected features
+        ("divprune", {"feature": "vision"}, {"method": "divprune", "feature": "vision"}),
         ("fastv", {"fastv_layer": 1}, {"method": "fastv", "fastv_layer": 1}),
     ],
 )

@@ -6,7 +6,6 @@ import pathlib
 
 import numpy as np
 import pytest
-import torch
 
 from svdprune_utils import tiny
 from svdprune_utils.__main__ import main as cli

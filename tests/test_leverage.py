@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svdprune_utils import leverage_scores
+from svdprune_utils import leverage_scores, select_tokens
 from helpers import clip_like, reference_leverage, spectrum_matrix
 
 GAPPED = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 0.5, 0.4, 0.3, 0.2]
@@ -175,3 +175,31 @@ def test_non_finite_input_names_the_count():
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
         leverage_scores(clip_like(10, 5), rank=2, method="qr")
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e155, 1e300])
+@pytest.mark.parametrize("method", ["exact", "exact-svd"])
+def test_fp64_scale_does_not_matter(scale, method):
+    X = clip_like(64, 24, seed=3).astype(np.float64)
+    ref, k_ref = leverage_scores(X, rank=8, method=method, return_rank=True)
+    got, k = leverage_scores(X * scale, rank=8, method=method, return_rank=True)
+    assert k == k_ref == 8 and got.sum() == pytest.approx(8.0, abs=1e-4)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["norm", "divprune", "svd", "pivoted_qr"])
+def test_selectors_are_scale_invariant(method):
+    X = clip_like(64, 24, seed=4).astype(np.float64)
+    ref = select_tokens(X, 10, method)
+    for scale in (1e-200, 1e155, 1e300):
+        assert torch.equal(select_tokens(X * scale, 10, method), ref)
+
+
+def test_approx_batch_equals_each_sample_alone():
+    X = np.stack([clip_like(96, 32, seed=s) for s in range(4)])
+    batch = leverage_scores(X, rank=12, method="approx", seed=7)
+    for b in range(4):
+        np.testing.assert_array_equal(batch[b], leverage_scores(X[b], rank=12, method="approx", seed=7))
+    kept = select_tokens(X, 12, "svd", solver="approx", seed=7)
+    for b in range(4):
+        assert torch.equal(kept[b], select_tokens(X[b], 12, "svd", solver="approx", seed=7))

@@ -322,3 +322,18 @@ def test_capture_attention_on_a_fastv_patched_model(tiny_llava):
     start = maps.image_positions[1][:, :1]
     assert torch.equal(maps.image_positions[2], start + torch.arange(16))
     assert bool((maps.lm[2].sum(-1) < maps.lm[1].sum(-1)[:, -1:].max() + 1).all())  # finite shares <= 1
+
+
+def test_divprune_scores_the_projected_features_by_default(tiny_llava):
+    """As its authors' code does (the LLM's input); feature="vision" still overrides."""
+    x = build_llava_inputs(MIXED[:2])
+    with torch.no_grad():
+        out = tiny_llava.model.get_image_features(pixel_values=x["pixel_values"])
+    proj, vis = torch.stack(out.pooler_output), out.hidden_states[-2][:, 1:]
+    patch_llava(tiny_llava, method="divprune", budget=24)
+    _logits(tiny_llava, x)
+    assert torch.equal(tiny_llava.svdprune.kept_indices, select_tokens(proj, 24, method="divprune"))
+    tiny_llava.svdprune.feature = "vision"
+    _logits(tiny_llava, x)
+    assert torch.equal(tiny_llava.svdprune.kept_indices, select_tokens(vis, 24, method="divprune"))
+    assert not torch.equal(select_tokens(proj, 24, method="divprune"), select_tokens(vis, 24, method="divprune"))

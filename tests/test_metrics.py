@@ -87,3 +87,61 @@ def test_jaccard_and_region_recall():
     mask[0, :4] = True
     assert region_recall([0, 1, 100], mask) == pytest.approx(0.5)
     assert np.isnan(region_recall([0], np.zeros(576, bool)))
+
+
+def test_projection_residual_with_dependent_kept_rows():
+    """Kept rows that repeat a direction span no less: the residual is that of the independent ones."""
+    assert projection_residual(np.array([[1.0, 0], [1, 0], [0, 1]]), [0, 1, 2]) == pytest.approx(0.0, abs=1e-15)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 12))
+    X[5] = 2.0 * X[3]  # token 5 duplicates token 3's direction
+    base = projection_residual(X, [1, 3, 7])
+    assert projection_residual(X, [1, 3, 5, 7]) == pytest.approx(base, abs=1e-12)
+    # against an independent reference: least squares of every token on the kept rows
+    for kept in ([1, 3, 7], [1, 3, 5, 7], list(range(0, 40, 3))):
+        coef = np.linalg.lstsq(X[kept].T, X.T, rcond=None)[0]
+        ref = np.sum((X.T - X[kept].T @ coef) ** 2) / np.sum(X**2)
+        assert projection_residual(X, kept) == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1.0, 1e155, 1e300])
+def test_residuals_are_scale_invariant(scale):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((30, 8))
+    kept = [0, 4, 9, 20]
+    assert projection_residual(X * scale, kept) == pytest.approx(projection_residual(X, kept), rel=1e-10)
+    assert optimal_residual(X * scale, 3) == pytest.approx(optimal_residual(X, 3), rel=1e-10)
+
+
+def test_index_metrics_refuse_what_is_not_an_index_set():
+    from svdprune_utils import jaccard, positional_bias, region_recall, top_k
+
+    assert jaccard([1, 2, 3], np.array([2, 3, 4])) == pytest.approx(0.5) and jaccard([], []) == 1.0
+    for bad in ([0.5, 1.0], np.ones(3, bool), [[1, 2]], [1, 1], [-1, 2]):
+        with pytest.raises(ValueError):
+            jaccard(bad, [1])
+    with pytest.raises(ValueError, match="mask"):
+        region_recall([0, 1], np.full(4, 0.5))
+    assert region_recall([0, 1], np.array([1, 0, 0, 1])) == 0.5
+    s = np.arange(16.0)
+    for K in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            positional_bias(s, K)
+        with pytest.raises(ValueError, match="budget"):
+            top_k(torch.as_tensor(s)[None], K)
+    with pytest.raises(ValueError, match="scores"):
+        top_k(torch.arange(16)[None], 3)
+
+
+def test_read_only_arrays_are_accepted_silently():
+    import warnings
+
+    from svdprune_utils import leverage_scores, select_tokens
+
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    X.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        leverage_scores(X, rank=3)
+        select_tokens(X, 4, "svd")
+        projection_residual(X, [0, 1])

@@ -168,11 +168,31 @@ def test_pivoted_qr_recovers_an_exactly_low_rank_span():
     assert projection_residual(Y, select_tokens(Y, 16, "pivoted_qr")) < projection_residual(Y, select_tokens(Y, 16, "random", seed=0))
 
 
-def test_divprune_starts_with_the_most_isolated_token_and_picks_outliers():
+def test_divprune_picks_an_outlier_first():
     rng = np.random.default_rng(8)
     X = np.tile(rng.standard_normal((1, 8)), (30, 1)) + 0.01 * rng.standard_normal((30, 8))
     X[17] = -X[17]  # the opposite direction: cosine distance ~2
     assert 17 in select_tokens(X.astype(np.float32), 2, "divprune").tolist()
+
+
+def _official_divprune(X: torch.Tensor, K: int) -> list[int]:
+    """Transcription of the selection loop in vbdi/divprune, LLaVA/llava/model/llava_arch.py, DivPrune():
+    D = 1 - cosine similarity; step 0 scores each column by its second-smallest entry (topk(2, smallest)[1]);
+    step i > 0 scores each column by its minimum over the rows already selected; argmax; finally sorted."""
+    Xn = X / X.norm(dim=1, keepdim=True)
+    D = 1.0 - Xn @ Xn.T
+    s = []
+    for i in range(K):
+        scores = torch.topk(D, 2, dim=0, largest=False).values[1, :] if i == 0 else D[torch.tensor(s)].min(dim=0).values
+        s.append(int(torch.argmax(scores)))
+    return sorted(s)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("N", "d", "K"), [(64, 16, 8), (144, 32, 16), (576, 64, 64)])
+def test_divprune_equals_the_official_rule(seed, N, d, K):
+    X = torch.as_tensor(np.random.default_rng(seed).standard_normal((N, d)))
+    assert select_tokens(X, K, "divprune").tolist() == _official_divprune(X, K)
 
 
 def test_score_tokens_matches_selection():

@@ -1,0 +1,142 @@
+"""Data records, image conversion, prompts and the eval/train-tiny command line: clean one-line errors before any
+work, results written per job and resumed, the local-JSON path on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from svdprune_utils import tiny
+from svdprune_utils.__main__ import main as cli
+from svdprune_utils.evaluate import LLAVA_PROMPT, SHORT_ANSWER, check_record, default_prompt, load_vqa, to_rgb
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "vqa_fixture" / "vqa.json"
+SHIPPED = tiny.DEFAULT_PATH
+
+
+def _write(tmp_path, records, name="d.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(records))
+    return p
+
+
+def test_16_bit_png_keeps_its_grey_levels(tmp_path):
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000 of 65535
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    np.testing.assert_array_equal(rgb[..., 0], np.round(a / 257.0).astype(np.uint8))
+    assert rgb.min() == 0 and rgb.max() == round(63000 / 257)  # not clipped to white
+    _write(tmp_path, [{"image": "g16.png", "question": "q?", "answers": ["a"]}])
+    assert np.array_equal(np.asarray(load_vqa(str(tmp_path / "d.json"))[0]["image"]), rgb)
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    ({"image": "x.png", "question": "q?"}, "answers"),
+    ({"image": "x.png", "question": "q?", "answers": []}, "answers"),
+    ({"image": "x.png", "question": "q?", "answers": "  "}, "answers"),
+    ({"image": "x.png", "question": "q?", "answers": [1, 2]}, "answers"),
+    ({"image": "x.png", "question": "q?", "answers": {"a": 1}}, "answers"),
+    ({"image": "x.png", "question": "", "answers": ["a"]}, "question"),
+    ({"image": "x.png", "question": "q?", "answers": ["a"], "qtype": 3}, "qtype"),
+    ({"image": 7, "question": "q?", "answers": ["a"]}, "image"),
+])
+def test_bad_records_name_the_record_and_the_field(tmp_path, record, field):
+    good = {"image": "img0.jpg", "question": "q?", "answers": ["a"]}
+    p = _write(tmp_path, [good, record])
+    with pytest.raises(ValueError, match=rf"record 1 of .*'{field}'|record 1 of .*{field}"):
+        load_vqa(str(p))
+
+
+def test_a_mask_of_the_wrong_shape_is_refused_before_the_model_runs():
+    item = {"question": "q?", "answers": ["a"], "mask": np.zeros((20, 20), bool)}
+    with pytest.raises(ValueError, match="dataset record 4: 'mask'.*576"):
+        check_record(item, "dataset record 4", 576)
+    check_record(dict(item, mask=np.zeros((24, 24), bool)), "ok", 576)
+
+
+def test_the_prompt_follows_the_model():
+    assert default_prompt(tiny.build_processor()) == LLAVA_PROMPT  # the instruction would be <unk> words
+
+    class Full:
+        unk_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5] * len(text.split())}
+
+    assert default_prompt(Full()) == LLAVA_PROMPT.replace("{question}", "{question}" + SHORT_ANSWER)
+
+
+def test_eval_on_a_local_json_with_the_embedded_model_reads_the_question(tmp_path, capsys):
+    # the fixture's questions are ShapesVQA-style: the embedded model answers them (it scored 0 with the suffix)
+    out = tmp_path / "res.csv"
+    assert cli(["eval", "--dataset", str(FIXTURE), "--methods", "svd", "--budgets", "576", "--device", "cpu",
+                "--out", str(out)]) == 0
+    assert pd.read_csv(out)["accuracy"].iloc[0] > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--methods", "svd,nope"], "--methods: unknown nope"),
+    (["--budgets", "64,x"], "--budgets must be positive integers"),
+    (["--budgets", "0"], "--budgets must be positive integers"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--model", "./no/such/model"], "path not found"),
+    (["--model", "/tmp"], "not a model directory"),
+    (["--out", "/no/such/dir/x.csv"], "does not exist or is not writable"),
+    (["--dataset", "missing.json"], "file not found"),
+    (["--prompt", "no placeholders"], "--prompt must contain"),
+    (["--dtype", "fp8"], "invalid choice"),
+])
+def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
+    assert cli(["eval", *argv]) == 2 if "--dtype" not in argv else True
+    if "--dtype" in argv:
+        with pytest.raises(SystemExit) as e:
+            cli(["eval", *argv])
+        assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_train_tiny_user_errors_and_default_output(capsys):
+    assert cli(["train-tiny", "--stage2-steps", "0"]) == 2
+    assert cli(["train-tiny", "--stage1-from", "/no/such/run"]) == 2
+    assert "path not found" in capsys.readouterr().err
+    assert tiny.TRAIN_PATH != tiny.DEFAULT_PATH and "out" in tiny.TRAIN_PATH.parts
+    import inspect
+
+    assert inspect.signature(tiny.train_tiny).parameters["out_dir"].default == tiny.TRAIN_PATH
+
+
+def test_eval_writes_each_job_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "res.csv"
+    args = ["eval", "--methods", "svd,random", "--budgets", "576,16", "--limit", "4", "--n", "4", "--device", "cpu",
+            "--out", str(out)]
+    import svdprune_utils.evaluate as E
+
+    calls, real = [], E.evaluate
+
+    def once(*a, **k):
+        calls.append((k["methods"][0], k["budgets"][0]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is interrupted during its third job
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "evaluate", once)
+    with pytest.raises(KeyboardInterrupt):
+        cli(args)
+    kept = pd.read_csv(out)
+    assert list(zip(kept["method"], kept["budget"])) == [("svd", 576), ("svd", 16)]  # what finished is kept
+    calls.clear()
+    assert cli(args) == 0
+    assert calls == [("random", 576), ("random", 16)]  # only the missing jobs run
+    table = pd.read_csv(out)
+    assert list(zip(table["method"], table["budget"])) == [("svd", 576), ("svd", 16), ("random", 576), ("random", 16)]
+    assert "resuming" in capsys.readouterr().out
+    assert cli([*args[:-1], str(out), "--dataset", str(FIXTURE)]) == 2  # another dataset: refuse to mix
