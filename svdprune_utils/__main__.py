@@ -21,6 +21,39 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _final_progress(text: str) -> str:
+    """A stream's text with every progress bar reduced to its final state (what a terminal shows at the end)."""
+    lines = [seg.split("\r")[-1] for seg in text.split("\n")]
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        bar = "%|" in line and ":" in line
+        if bar and out and "%|" in out[-1] and out[-1].split(":")[0] == line.split(":")[0]:
+            out[-1] = line
+        else:
+            out.append(line)
+    return "".join(f"{line}\n" for line in out)
+
+
+def clean_notebook(nb) -> None:
+    """Collapse progress bars to their final line and drop execution timestamps (in place)."""
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+        merged = []
+        for out in cell.get("outputs", []):  # consecutive chunks of one stream, as a notebook front end shows them
+            if merged and out.get("output_type") == "stream" and merged[-1].get("output_type") == "stream" \
+                    and merged[-1]["name"] == out["name"]:
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _final_progress(out["text"])
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = [o for o in merged if o.get("output_type") != "stream" or o["text"]]
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     import nbformat
     from nbclient import NotebookClient
@@ -43,7 +76,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.resolve().parent)}})
         client.execute()
-        target = out_dir / path.name
+        clean_notebook(nb)
+        target = path if args.in_place else out_dir / path.name
         nbformat.write(nb, target)
         tqdm.write(f"{path.name}: {time.perf_counter() - start:.0f} s -> {target}")
     print(f"figures in {REPO / 'figures'}")
@@ -249,6 +283,8 @@ def _main(argv: list[str] | None = None) -> int:
     rep.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/[0-9]*.ipynb)")
     rep.add_argument("--out", default=str(REPO / "out" / "notebooks"), help="where executed copies go")
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
+    rep.add_argument("--in-place", action="store_true",
+                     help="write the executed notebooks over the committed ones (how they are produced)")
     rep.set_defaults(func=_reproduce)
 
     from .tiny import DEFAULT_PATH, PROMPT, TRAIN_PATH

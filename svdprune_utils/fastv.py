@@ -223,7 +223,7 @@ def fastv_forward(model, state, orig, kw: dict):
         if not (model.training and getattr(model, "is_gradient_checkpointing", False)):
             state._call = None
     if call.chosen:
-        for c in (cache, out.get("past_key_values") if hasattr(out, "get") else None):
+        for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, DynamicCache):  # the cache the caller passed, or the one the model made
                 setattr(c, _CACHE_SEL, (call.sel, call.P))
         if state._in_generate:

@@ -159,7 +159,7 @@ def _bind(fn, args, kwargs) -> dict:
 
 
 def _cache_of(kw):
-    return kw.get("past_key_values", kw.get("cache"))
+    return kw.get("cache", kw.get("past_key_values"))
 
 
 # ----------------------------------------------------------------------------- compute: selection
@@ -380,7 +380,7 @@ def _generate(self, *args, **kwargs):
     if isinstance(cache, Cache):
         setattr(cache, _CACHE_K, record)
     out = orig(**new)
-    out_cache = getattr(out, "past_key_values", None)
+    out_cache = getattr(out, "cache", None)
     if isinstance(out_cache, Cache):
         setattr(out_cache, _CACHE_K, record)
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
@@ -402,7 +402,7 @@ def _forward(self, *args, **kwargs):
     if pruned is not None and pruned.kept is not None:  # a pruned prompt: mark the cache it fills
         record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))),
                   (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1])
-        for c in (cache, getattr(out, "past_key_values", None)):
+        for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, Cache):
                 setattr(c, _CACHE_K, record)
     return out
