@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from svdprune_utils import leverage_scores
-from svdprune_utils.toy import clip_like
+from svdprune_utils.notebook.toy import clip_like
 
 SHAPES = [(576, 1024), (576, 4096), (2880, 4096)]
 BATCHES = [1, 8]

@@ -7,7 +7,7 @@
 random weights: speed and memory only, answers meaningless; nothing is downloaded. ``--text-layers N``
 keeps only the first N decoder layers (full width) where the whole model does not fit (a CPU laptop):
 the FLOPs model then uses the same truncated config, and the vision tower's fixed cost weighs more. The table comes
-from ``svdprune_utils.efficiency.prefill_table``: for every budget and method the model is patched
+from ``svdprune_utils.analysis.efficiency.prefill_table``: for every budget and method the model is patched
 with ``patch_llava`` and one prefill (a forward with the KV cache on, image included) is timed, in
 interleaved rounds (a warm-up round, then ``--repeats`` rounds over every configuration; median per
 configuration), next to the decoder-FLOPs ratio to the unpruned prefill and the
@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from svdprune_utils.efficiency import prefill_table
-from svdprune_utils.tiny import auto_device
+from svdprune_utils.analysis.efficiency import prefill_table
+from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def build_model(args, device, dtype) -> LlavaForConditionalGeneration:
 
 def make_inputs(model, n_text: int, device, dtype, seed: int) -> dict:
     """One image + ``n_text`` random text tokens around the image placeholder run (LLaVA-1.5 layout)."""
-    from svdprune_utils.llava import tokens_per_image
+    from svdprune_utils.hf.patch import tokens_per_image
 
     cfg = model.config
     vc = cfg.vision_config

@@ -1,15 +1,19 @@
 """Why accuracy under pruning trails answer-region recall on the embedded model (README, "Reading it").
 
 The tokens `svd` keeps (layer -2 features, budget K) on 240 ShapesVQA test questions, answered by the shipped
-tiny LLaVA (greedy first token, fast path of `svdprune_utils.tiny`) three ways: "compact" = kept tokens at
+tiny LLaVA (greedy first token, fast path of `svdprune_utils.testbed.tiny`) three ways: "compact" = kept tokens at
 consecutive positions (what `patch_llava` does), "fullpos" = at their positions in the 576-token prompt,
 "fullpos+bgw" = also with each kept background token standing for the dropped ones (`tiny._background_mask`).
 Run: OMP_NUM_THREADS=2 python results/pruned_positions.py  (about 1 min on 2 cores; output in
 results/pruned_positions.txt)
 """
-import torch, numpy as np
+import numpy as np
+import torch
+
 import svdprune_utils as sp
-from svdprune_utils import tiny as T, shapes as S
+from svdprune_utils.testbed import shapes as S
+from svdprune_utils.testbed import tiny as T
+
 torch.set_num_threads(2)
 m, _ = T.load_tiny(); m.set_attn_implementation('eager')
 ds = S.ShapesVQA('test', n=240, seed=0); enc = T._Encoded(ds)
@@ -35,6 +39,7 @@ with torch.no_grad():
                 for j, p in enumerate(lg.argmax(-1)):
                     res.setdefault((K, name, qtypes[j]), []).append(inv[int(p)] == qas[j][0][1])
 import pandas as pd
+
 rows = [dict(K=k, mode=n, qtype=q, acc=np.mean(h)) for (k, n, q), h in res.items()]
 t = pd.DataFrame(rows).pivot_table(index=['K', 'mode'], columns='qtype', values='acc')
 t['overall'] = t.mean(axis=1)

@@ -2,13 +2,23 @@
 
 The one-screen API::
 
-    from svdprune_utils import leverage_scores, select_tokens, SELECTORS
-    scores = leverage_scores(X, rank=16)             # (N, d) or (B, N, d) -> (N,) / (B, N), fp32
-    kept = select_tokens(X, budget=64, method="svd") # LongTensor of kept indices, ascending
+    import svdprune_utils as sp
+    scores = sp.leverage_scores(X, rank=16)             # (N, d) or (B, N, d) -> (N,) / (B, N), fp32
+    kept = sp.select_tokens(X, budget=64, method="svd") # LongTensor of kept indices, ascending
+    sp.patch_llava(model, method="svd", budget=64)      # prune a Hugging Face LLaVA (loaded on first use)
+
+The layers (data flows one way, top to bottom; a layer never imports one below it in this list):
+
+    core/       validation, leverage scores, the selector registry, metrics          (torch/numpy/scipy only)
+    hf/         the LLaVA patch, FastV, attention probes, the apply step (kept -> inputs)   (transformers)
+    testbed/    ShapesVQA and the embedded tiny LLaVA
+    analysis/   accuracy-vs-budget harness, cached ablations, positional bias, efficiency
+    notebook/   toy matrices and plots for the notebooks
+    cli.py      python -m svdprune_utils {eval,demo,train-tiny,reproduce}
 """
 
-from .leverage import leverage_scores
-from .metrics import (
+from .core.leverage import leverage_scores
+from .core.metrics import (
     grid_shape,
     jaccard,
     optimal_residual,
@@ -17,7 +27,7 @@ from .metrics import (
     region_recall,
     spatial_stats,
 )
-from .selectors import SCORE_BASED, SELECTORS, register, score_tokens, select_tokens, top_k
+from .core.selection import FEATURE_DEFAULTS, SCORE_BASED, SELECTORS, register, score_tokens, select_tokens, top_k
 
 __version__ = "0.1.0"
 
@@ -27,6 +37,7 @@ __all__ = [
     "score_tokens",
     "SELECTORS",
     "SCORE_BASED",
+    "FEATURE_DEFAULTS",
     "register",
     "top_k",
     "projection_residual",
@@ -39,20 +50,24 @@ __all__ = [
 ]
 
 # notebook helpers (toy matrices, plots); matplotlib/seaborn/skimage load lazily inside their functions
-from . import plotting, toy  # noqa: E402
+from .notebook import plotting, toy  # noqa: E402
 
 __all__ += ["toy", "plotting"]
 
-# LLaVA pruning, loaded on first use (importing transformers takes seconds): svdprune_utils.patch_llava(...)
-_LAZY = {"patch_llava": "llava", "unpatch_llava": "llava", "prune_inputs": "llava", "Pruned": "llava",
-         "PruneState": "llava", "capture_attention": "attention", "AttentionMaps": "attention",
-         "keep_image_tokens": "inputs"}
+# Loaded on first use (importing transformers takes seconds): sp.patch_llava(...), sp.tiny, sp.bias, ...
+_LAZY = {"patch_llava": "hf.patch", "unpatch_llava": "hf.patch", "prune_inputs": "hf.patch", "Pruned": "hf.patch",
+         "PruneState": "hf.patch", "capture_attention": "hf.attention", "AttentionMaps": "hf.attention",
+         "keep_image_tokens": "hf.inputs"}
+_LAZY_MODULES = {"tiny": "testbed.tiny", "shapes": "testbed.shapes", "bias": "analysis.bias",
+                 "evaluate": "analysis.evaluate", "ablation": "analysis.ablation", "efficiency": "analysis.efficiency"}
 __all__ += list(_LAZY)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{_LAZY_MODULES[name]}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

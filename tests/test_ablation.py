@@ -1,17 +1,17 @@
-"""The cached ablation path (svdprune_utils.ablation) against the faithful patch_llava + generate path,
+"""The cached ablation path (svdprune_utils.analysis.ablation) against the faithful patch_llava + generate path,
 on a tiny random LLaVA (answers are meaningless multi-token strings, which makes equality a strict test)."""
 
 import numpy as np
 import pytest
 import torch
 
-from svdprune_utils import tiny
-from svdprune_utils.ablation import encode, evaluate_cached, residuals, select_cached
-from svdprune_utils.evaluate import evaluate
-from svdprune_utils.attention import capture_attention
-from svdprune_utils.metrics import optimal_residual, projection_residual
-from svdprune_utils.selectors import select_tokens
-from svdprune_utils.shapes import ShapesVQA
+from svdprune_utils.analysis.ablation import encode, evaluate_cached, residuals, select_cached
+from svdprune_utils.analysis.evaluate import evaluate
+from svdprune_utils.core.metrics import optimal_residual, projection_residual
+from svdprune_utils.core.selection import select_tokens
+from svdprune_utils.hf.attention import capture_attention
+from svdprune_utils.testbed import tiny
+from svdprune_utils.testbed.shapes import ShapesVQA
 
 N_SAMPLES = 6
 
@@ -111,8 +111,8 @@ def test_budget_table_and_panels():
     matplotlib.use("Agg")
     import pandas as pd
 
-    from svdprune_utils.ablation import budget_table
-    from svdprune_utils.plotting import budget_panels
+    from svdprune_utils.analysis.ablation import budget_table
+    from svdprune_utils.notebook.plotting import budget_panels
 
     rows = [dict(config=c, budget=b, accuracy=a, region_recall=a / 2, residual=1 / b, floor=0.5 / b)
             for c, a in (("z-first", 0.5), ("a-second", 0.25)) for b in (16, 64, 576)]

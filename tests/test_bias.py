@@ -1,4 +1,4 @@
-"""svdprune_utils.bias: causal-averaging theory, RoPE helpers, score collection and dataset statistics."""
+"""svdprune_utils.analysis.bias: causal-averaging theory, RoPE helpers, score collection and dataset statistics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import build_llava_inputs, build_tiny_llava
 
-from svdprune_utils import bias
-from svdprune_utils.attention import capture_attention
-from svdprune_utils.llava import patch_llava, unpatch_llava
-from svdprune_utils.selectors import top_k
+from svdprune_utils.analysis import bias
+from svdprune_utils.core.selection import top_k
+from svdprune_utils.hf.attention import capture_attention
+from svdprune_utils.hf.patch import patch_llava, unpatch_llava
 
 
 # ---------------------------------------------------------------------------------------- theory
@@ -88,14 +88,14 @@ def test_rope_decay_of_constant_vectors_is_a_sum_of_cosines(llava):
 # ------------------------------------------------------------------------------ model measurements
 @pytest.fixture(scope="module")
 def tiny_pair():
-    from svdprune_utils import tiny
+    from svdprune_utils.testbed import tiny
 
     return tiny.build_model(seed=0).eval(), tiny.build_processor()
 
 
 @pytest.fixture(scope="module")
 def shapes3():
-    from svdprune_utils.shapes import ShapesVQA
+    from svdprune_utils.testbed.shapes import ShapesVQA
 
     ds = ShapesVQA("test", n=6, seed=0)
     return [ds[i] for i in (0, 3, 5)]  # colour, count and digit questions: different prompt lengths

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from svdprune_utils import tiny
-from svdprune_utils.__main__ import main as cli
-from svdprune_utils.evaluate import LLAVA_PROMPT, SHORT_ANSWER, check_record, default_prompt, load_vqa, to_rgb
+from svdprune_utils.analysis.evaluate import LLAVA_PROMPT, SHORT_ANSWER, check_record, default_prompt, load_vqa, to_rgb
+from svdprune_utils.cli import main as cli
+from svdprune_utils.testbed import tiny
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "vqa_fixture" / "vqa.json"
 SHIPPED = tiny.DEFAULT_PATH
@@ -118,7 +118,7 @@ def test_eval_writes_each_job_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "res.csv"
     args = ["eval", "--methods", "svd,random", "--budgets", "576,16", "--limit", "4", "--n", "4", "--device", "cpu",
             "--out", str(out)]
-    import svdprune_utils.evaluate as E
+    import svdprune_utils.analysis.evaluate as E
 
     calls, real = [], E.evaluate
 

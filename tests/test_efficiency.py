@@ -3,12 +3,11 @@
 import pathlib
 
 import numpy as np
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlavaConfig
 
-from svdprune_utils.efficiency import kv_cache_bytes, measure_prefill, prefill_flops
+from svdprune_utils.analysis.efficiency import kv_cache_bytes, measure_prefill, prefill_flops
 
 CFG = LlavaConfig.from_json_file(str(pathlib.Path(__file__).resolve().parents[1] / "data/configs/llava-1.5-7b.json"))
 
@@ -79,8 +78,8 @@ def lambda_model(lin):
 
 
 def test_measure_generate_on_a_tiny_llava():
-    from svdprune_utils import tiny
-    from svdprune_utils.efficiency import measure_generate
+    from svdprune_utils.analysis.efficiency import measure_generate
+    from svdprune_utils.testbed import tiny
 
     model = tiny.build_model(seed=0).eval()
     ids, mask = tiny.encode_ids(["what color is the circle ?"])
@@ -94,9 +93,9 @@ def test_measure_generate_on_a_tiny_llava():
 
 @pytest.mark.parametrize("method, budget", [("svd", 576), ("svd", 64), ("random", 16), ("fastv", 32)])
 def test_measured_cache_matches_the_kv_formula(method, budget):
-    from svdprune_utils import tiny
-    from svdprune_utils.efficiency import cache_bytes
-    from svdprune_utils.llava import patch_llava, unpatch_llava
+    from svdprune_utils.analysis.efficiency import cache_bytes
+    from svdprune_utils.hf.patch import patch_llava, unpatch_llava
+    from svdprune_utils.testbed import tiny
 
     model = tiny.build_model(seed=0).eval()
     ids, mask = tiny.encode_ids(["what color is the circle ?"])
@@ -118,8 +117,8 @@ def test_measured_cache_matches_the_kv_formula(method, budget):
 
 
 def test_prefill_table_adds_the_unpruned_baseline_and_follows_the_flops_model():
-    from svdprune_utils import tiny
-    from svdprune_utils.efficiency import prefill_table
+    from svdprune_utils.analysis.efficiency import prefill_table
+    from svdprune_utils.testbed import tiny
 
     model = tiny.build_model(seed=0).eval()
     ids, mask = tiny.encode_ids(["what color is the circle ?"])
@@ -139,7 +138,7 @@ def test_prefill_table_adds_the_unpruned_baseline_and_follows_the_flops_model():
 
 
 def test_time_call_runs_warmup_then_timed_calls():
-    from svdprune_utils.efficiency import time_call
+    from svdprune_utils.analysis.efficiency import time_call
 
     calls = []
     times = time_call(lambda: calls.append(1), "cpu", repeats=3, warmup=2)

@@ -10,7 +10,7 @@ from conftest import build_llava_inputs, build_tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaModel
 
-import svdprune_utils.efficiency as E
+import svdprune_utils.analysis.efficiency as E
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "n"), [(4, 4, 37), (8, 2, 64)])

@@ -7,10 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from svdprune_utils import tiny
-from svdprune_utils.__main__ import main as cli
-from svdprune_utils.evaluate import evaluate, load_vqa, normalize_answer, vqa_score
-from svdprune_utils.shapes import ShapesVQA
+from svdprune_utils.analysis.evaluate import evaluate, load_vqa, normalize_answer, vqa_score
+from svdprune_utils.cli import main as cli
+from svdprune_utils.testbed import tiny
+from svdprune_utils.testbed.shapes import ShapesVQA
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "vqa_fixture" / "vqa.json"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdprune_utils.inputs import image_runs, keep_image_tokens, kept_features
+from svdprune_utils.hf.inputs import image_runs, keep_image_tokens, kept_features
 
 I = 9  # image placeholder id in these hand-made rows (N = 4 tokens per image)
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import clip_like, reference_leverage, spectrum_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from svdprune_utils import leverage_scores, select_tokens
-from helpers import clip_like, reference_leverage, spectrum_matrix
 
 GAPPED = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 0.5, 0.4, 0.3, 0.2]
 

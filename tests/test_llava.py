@@ -7,9 +7,9 @@ import torch
 from conftest import build_llava_inputs, build_tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from svdprune_utils.attention import capture_attention
-from svdprune_utils.llava import patch_llava, unpatch_llava
-from svdprune_utils.selectors import SELECTORS, select_tokens
+from svdprune_utils.core.selection import SELECTORS, select_tokens
+from svdprune_utils.hf.attention import capture_attention
+from svdprune_utils.hf.patch import patch_llava, unpatch_llava
 
 N = 576  # patches per image (336 / 14)²
 PRE_LLM = sorted(set(SELECTORS) - {"fastv"})

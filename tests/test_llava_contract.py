@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_tiny_llava
 from transformers import GenerationConfig
 
-from svdprune_utils.attention import capture_attention
-from svdprune_utils.llava import patch_llava, prune_inputs, unpatch_llava
+from svdprune_utils.hf.attention import capture_attention
+from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
 
 N = 576
 METHODS = ["svd", "fastv", "cls_attention", "random"]

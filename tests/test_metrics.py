@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import clip_like, spectrum_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from svdprune_utils import (
     select_tokens,
     spatial_stats,
 )
-from helpers import clip_like, spectrum_matrix
 
 
 @settings(max_examples=40, deadline=None)

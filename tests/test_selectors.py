@@ -4,11 +4,11 @@ and bad input."""
 import numpy as np
 import pytest
 import torch
+from helpers import clip_like, spectrum_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from svdprune_utils import SELECTORS, leverage_scores, projection_residual, score_tokens, select_tokens, top_k
-from helpers import clip_like, spectrum_matrix
 
 ALL = sorted(SELECTORS)
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from svdprune_utils import shapes as S
+from svdprune_utils.testbed import shapes as S
 
 
 @pytest.fixture(scope="module")

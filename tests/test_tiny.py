@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from svdprune_utils import shapes as S
-from svdprune_utils import tiny as T
+from svdprune_utils.testbed import shapes as S
+from svdprune_utils.testbed import tiny as T
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from svdprune_utils import shapes as S
-from svdprune_utils import tiny as T
+from svdprune_utils.testbed import shapes as S
+from svdprune_utils.testbed import tiny as T
 
 SHIPPED = T.DEFAULT_PATH
 
@@ -63,7 +63,7 @@ def test_cli_eval_and_demo_on_the_shipped_model(shipped, tmp_path, capsys):
     must cost accuracy that all 576 tokens have."""
     import pandas as pd
 
-    from svdprune_utils.__main__ import main as cli
+    from svdprune_utils.cli import main as cli
 
     out = tmp_path / "res.csv"
     assert cli(["eval", "--methods", "svd,random", "--budgets", "576,16", "--limit", "36", "--device", "cpu",

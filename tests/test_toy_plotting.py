@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from svdprune_utils import plotting, toy  # noqa: E402
+from svdprune_utils import toy  # noqa: E402
+from svdprune_utils.notebook import plotting
 
 
 def test_low_rank_has_the_stated_spectrum():

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from ._validate import as_features, check_budget, unit_scale
+from .validate import as_features, check_budget, unit_scale
 
 __all__ = [
     "projection_residual",

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ._validate import as_features, check_budget, unit_scale
 from .leverage import leverage_scores
 from .metrics import grid_shape
+from .validate import as_features, check_budget, unit_scale
 
 __all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED", "FEATURE_DEFAULTS",
            "default_feature"]
@@ -155,7 +155,7 @@ def select_cls_attention(features, budget, *, attention=None):
 def select_fastv(features, budget, *, attention=None):
     """FastV (Chen et al., 2024): top-K image tokens by the attention they receive from the last
     prompt token at LLM layer K−1 (heads averaged). ``attention``: (B, N). Pruning inside the LLM at
-    layer K is done by :mod:`svdprune_utils.llava`; here only the ranking."""
+    layer K is done by :mod:`svdprune_utils.hf.patch`; here only the ranking."""
     return top_k(_score_attention(features, attention=attention), budget)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .metrics import grid_shape
+from ..core.metrics import grid_shape
 
 __all__ = ["figures_dir", "save_figure", "kept_mask", "overlay_kept", "score_map", "budget_curve", "model_view", "map_grid",
            "budget_panels"]
@@ -40,7 +40,7 @@ def figures_dir() -> Path:
     env = os.environ.get("SVDPRUNE_FIGURES")
     if env:
         return Path(env).expanduser().resolve()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").exists():
         return root / "figures"
     return Path.cwd() / "figures"
@@ -252,7 +252,7 @@ def budget_panels(
     suptitle: str | None = None,
 ):
     """A row of budget curves, one panel per metric, from a table with one row per (``hue``, budget)
-    (e.g. :func:`svdprune_utils.ablation.evaluate_cached`'s summary).
+    (e.g. :func:`svdprune_utils.analysis.ablation.evaluate_cached`'s summary).
 
     metrics: {column: axis label}; default accuracy, answer-region recall and projection residual
     (columns missing or all-NaN are skipped). The residual panel also draws the Eckart–Young floor,

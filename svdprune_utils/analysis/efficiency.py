@@ -212,7 +212,7 @@ def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repea
 
     Attention-based methods get a random ``attention`` signal (their cost is a top-K).
     """
-    from .selectors import select_tokens
+    from ..core.selection import select_tokens
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
@@ -227,7 +227,7 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
 
     ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). The
     configurations are timed in interleaved rounds — one warm-up round, then ``repeats`` rounds in which
-    every (method, budget) runs one prefill, patched with :func:`~svdprune_utils.llava.patch_llava` and
+    every (method, budget) runs one prefill, patched with :func:`~svdprune_utils.hf.patch.patch_llava` and
     unpatched around it — so a slow drift of the machine (another process, clock changes) hits every
     configuration alike; each gets the median of its rounds (CUDA events on a GPU). Columns: method,
     budget (tokens kept), prefill_ms, latency_ratio (to the unpruned prefill), flops_ratio (decoder
@@ -238,7 +238,7 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .llava import patch_llava, unpatch_llava
+    from ..hf.patch import patch_llava, unpatch_llava
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

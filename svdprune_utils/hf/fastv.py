@@ -34,11 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers.cache_utils import DynamicCache
 
+from ..core.selection import select_tokens
 from .attention import attention_probs, probing
-from .selectors import select_tokens
 
 __all__ = ["FastVCall", "fastv_pre_hook", "fastv_forward"]
 
@@ -167,8 +166,8 @@ _CACHE_SEL = "_svdprune_fastv"  # attribute set on a cache built by a FastV prom
 
 
 def fastv_forward(model, state, orig, kw: dict):
-    """The patched ``forward`` for method "fastv" (called by :mod:`.llava` with the bound arguments)."""
-    from .llava import _CACHE_K, _cache_of, image_token_mask, tokens_per_image
+    """The patched ``forward`` for method "fastv" (called by :mod:`.patch` with the bound arguments)."""
+    from .patch import _CACHE_K, _cache_of, image_token_mask, tokens_per_image
 
     n = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")

@@ -27,11 +27,11 @@ import pandas as pd
 import scipy.stats
 import torch
 
-from .attention import attention_probs, probing
+from ..core.leverage import leverage_scores
+from ..core.metrics import grid_shape, positional_bias, spatial_stats
+from ..core.selection import top_k
+from ..hf.attention import attention_probs, probing
 from .evaluate import LLAVA_PROMPT, model_inputs
-from .leverage import leverage_scores
-from .metrics import grid_shape, positional_bias, spatial_stats
-from .selectors import top_k
 
 __all__ = ["causal_received", "uniform_causal_received", "rope_logits", "rope_decay", "decoder_qk",
            "model_inputs", "collect_scores", "attention_shares", "mean_rank_map", "kept_frequency", "positional_table",
@@ -159,7 +159,7 @@ def collect_scores(model, processor, dataset, *, limit: int | None = None, layer
     feature layer), "norm" (‖x_i‖ of the vision-feature-layer patch features), "svd@k" (rank-k
     leverage of those features) for k in ``ranks``, "random" (uniform noise from ``seed``).
     """
-    from .attention import capture_attention
+    from ..hf.attention import capture_attention
 
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     layer = layer % len(model.model.language_model.layers)
@@ -278,8 +278,8 @@ def positional_table(scores: dict, budgets, grid: tuple[int, int] = (24, 24), me
 
     scores: {name: (n, N)} as from :func:`collect_scores`; a method "svd" at budget K reads "svd@K"
     when present (rank = budget, the selector's default). Columns: method, K, mean_kept_row,
-    mean_kept_col, row_shift, spearman_index, spearman_row (:func:`~svdprune_utils.metrics.positional_bias`),
-    coverage, dispersion (:func:`~svdprune_utils.metrics.spatial_stats`).
+    mean_kept_col, row_shift, spearman_index, spearman_row (:func:`~svdprune_utils.core.metrics.positional_bias`),
+    coverage, dispersion (:func:`~svdprune_utils.core.metrics.spatial_stats`).
     """
     if methods is None:
         methods = list(dict.fromkeys(k.split("@")[0] for k in scores))

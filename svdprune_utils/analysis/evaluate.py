@@ -1,7 +1,7 @@
 """Accuracy against budget: run a (patched) LLaVA over a VQA dataset for every method × budget.
 
 One code path for the embedded model on ShapesVQA and for ``llava-hf/llava-1.5-7b-hf`` on real
-benchmarks: the processor builds the inputs, :func:`~svdprune_utils.llava.patch_llava` prunes,
+benchmarks: the processor builds the inputs, :func:`~svdprune_utils.hf.patch.patch_llava` prunes,
 ``generate`` answers greedily, and the answer is scored after VQA-style normalisation.
 
 A dataset is any sequence of dicts with ``image`` (PIL), ``question`` (str) and ``answer`` (str) or
@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core.metrics import region_recall
+from ..hf.inputs import LLAVA_PROMPT
+from ..hf.patch import patch_llava, tokens_per_image, unpatch_llava
 from .efficiency import synchronize
-from .inputs import LLAVA_PROMPT
-from .llava import patch_llava, tokens_per_image, unpatch_llava
-from .metrics import region_recall
 
 __all__ = ["normalize_answer", "vqa_score", "evaluate", "model_inputs", "check_record", "to_rgb", "default_prompt",
            "load_vqa", "load_model", "LLAVA_PROMPT", "SHORT_ANSWER"]
@@ -246,7 +246,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     ``dtype="auto"``: fp16 on CUDA, fp32 on CPU (or "fp16", "bf16", "fp32"). Eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .tiny import auto_device
+    from ..testbed.tiny import auto_device
 
     dev = auto_device(device)
     dtypes = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp16": torch.float16,

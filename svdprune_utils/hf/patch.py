@@ -19,7 +19,7 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
    (``feature="vision"``: the ``vision_feature_layer`` patch features as the strategy selects them;
    ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
-2. apply: :func:`svdprune_utils.inputs.keep_image_tokens` cuts each run of N placeholders to K in
+2. apply: :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N placeholders to K in
    ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels`` (positions compact, rows
    re-padded on their side) and the kept projected features go to the model as ``mm_encoder_outputs``.
 
@@ -40,10 +40,10 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
-from ._validate import check_budget
+from ..core.selection import SELECTORS, default_feature, select_tokens
+from ..core.validate import check_budget
 from .fastv import _CACHE_SEL, FastVCall, fastv_pre_hook
 from .inputs import image_runs, keep_image_tokens, kept_features
-from .selectors import SELECTORS, default_feature, select_tokens
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]

@@ -164,7 +164,7 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
     """
     lm_layers = model.model.language_model.layers
     layers = range(len(lm_layers)) if layers is None else sorted({int(i) % len(lm_layers) for i in layers})
-    from .llava import image_token_mask
+    from .patch import image_token_mask
 
     lm, positions = {}, {}
     reduce = (lambda p: p) if per_head else (lambda p: p.mean(1))

@@ -6,7 +6,7 @@ once per image (the call the patch wraps) and caches, in a :class:`FeatureCache`
 the requested tower layers, the projected features, the CLS→patch attention at the feature layer, the
 tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then selects with
 ``select_tokens`` on the cached features and answers greedily with ``generate`` on the inputs the patched
-``generate`` builds, by the same apply step (:func:`svdprune_utils.inputs.keep_image_tokens`, kept projected
+``generate`` builds, by the same apply step (:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected
 features as ``mm_encoder_outputs``), so the answers are the faithful path's (``tests/test_ablation.py``).
 FastV, which prunes inside the language model, runs the fastv-patched model with the cached projected
 features passed as ``mm_encoder_outputs`` (:func:`answer_fastv`). Answers are memoised per (sample,
@@ -31,11 +31,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from ..core.selection import default_feature, score_tokens, select_tokens, top_k
+from ..core.validate import unit_scale
+from ..hf.attention import vision_cls_attention
+from ..hf.inputs import keep_image_tokens, kept_features
 from .evaluate import LLAVA_PROMPT, _answers, model_inputs, vqa_score
-from ._validate import unit_scale
-from .attention import vision_cls_attention
-from .inputs import keep_image_tokens, kept_features
-from .selectors import default_feature, score_tokens, select_tokens, top_k
 
 __all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
            "evaluate_cached"]
@@ -177,7 +177,7 @@ def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
 def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int], kept: torch.Tensor, *,
                   max_new_tokens: int = 4, batch_size: int = 16) -> list[str]:
     """Greedy answers of ``samples`` when each keeps the tokens ``kept`` (len(samples), K) — the inputs
-    the patched ``generate`` builds, by the same function (:func:`svdprune_utils.inputs.keep_image_tokens`:
+    the patched ``generate`` builds, by the same function (:func:`svdprune_utils.hf.inputs.keep_image_tokens`:
     placeholders cut to K, padding on the left; the K kept projected features as ``mm_encoder_outputs``).
     Memoised in ``cache.memo``."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -213,7 +213,7 @@ def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], 
     ``fastv_layer``, default min(2, LLM layers − 1)). Returns (answers, kept (len(samples), K)); memoised."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from .llava import patch_llava, unpatch_llava
+    from ..hf.patch import patch_llava, unpatch_llava
 
     layer = min(2, len(model.model.language_model.layers) - 1) if fastv_layer is None else int(fastv_layer)
     proj = cache.features["projected"]
@@ -245,7 +245,7 @@ def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], 
 
 
 def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None = None):
-    """Batched :func:`~svdprune_utils.metrics.projection_residual` and its Eckart–Young floor.
+    """Batched :func:`~svdprune_utils.core.metrics.projection_residual` and its Eckart–Young floor.
 
     X: (n, N, d); kept: (n, K); sigma2: X's squared singular values (n, min(N, d)) if already known.
     Returns numpy (residual, floor), each (n,): ‖X − X P_S‖²_F / ‖X‖²_F with P_S the projector onto the

@@ -2,8 +2,8 @@
 
 Selection is model-free (features -> kept indices per image, :func:`svdprune_utils.select_tokens`); this
 module applies a selection to a batch of prompts. Everything that prunes before the language model goes
-through :func:`keep_image_tokens`: the patch (:func:`svdprune_utils.llava.patch_llava` and the public
-:func:`svdprune_utils.llava.prune_inputs` for hand-written loops), the cached ablations, the tiny model's
+through :func:`keep_image_tokens`: the patch (:func:`svdprune_utils.hf.patch.patch_llava` and the public
+:func:`svdprune_utils.hf.patch.prune_inputs` for hand-written loops), the cached ablations, the tiny model's
 training-time token dropping, the bias analysis and the scripts in ``results/``.
 
 Layout of a prompt batch (what a LLaVA processor returns)::

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validate import as_features, restore_kind, unit_scale
+from .validate import as_features, restore_kind, unit_scale
 
 __all__ = ["leverage_scores", "numerical_rank", "resolve_rank", "METHODS"]
 

@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from ..hf.inputs import LLAVA_PROMPT, keep_image_tokens
 from . import shapes as S
-from .inputs import LLAVA_PROMPT, keep_image_tokens
 
 NAME = "tiny-llava-shapes"
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / NAME
-TRAIN_PATH = Path(__file__).resolve().parent.parent / "out" / NAME  # train_tiny's default: never the shipped model
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / NAME
+TRAIN_PATH = Path(__file__).resolve().parents[2] / "out" / NAME  # train_tiny's default: never the shipped model
 PROMPT = LLAVA_PROMPT
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -445,7 +445,7 @@ def _keep_image_tokens(ids, mask, kept, image_token_id, labels=None):
     """Rows of left-padded one-image prompts with only the image placeholders of the patches ``kept``
     ((B, K) ascending patch indices; every row keeps K), every token at the position it has in the full
     sequence (so RoPE distances are those of the 576-token prompt): the library's one apply step,
-    :func:`svdprune_utils.inputs.keep_image_tokens` with ``positions="original"``. Returns (ids, mask,
+    :func:`svdprune_utils.hf.inputs.keep_image_tokens` with ``positions="original"``. Returns (ids, mask,
     position_ids) or, with ``labels``, (ids, mask, position_ids, labels), each (B, L - 576 + K)."""
     N = int((ids[0] == image_token_id).sum())
     x = {"input_ids": ids, "attention_mask": mask} if labels is None else \

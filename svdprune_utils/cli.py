@@ -1,0 +1,347 @@
+"""Command line: ``python -m svdprune_utils <command>``.
+
+Commands:
+    demo         the embedded model answers a few ShapesVQA questions at 576/64/16 tokens for three
+                 methods; prints the table and saves a kept-token overlay figure.
+    eval         accuracy vs budget for methods × budgets on ShapesVQA (default) or a real VQA set
+                 (``--dataset`` local JSON or Hugging Face id), as a table (``--out`` CSV).
+    train-tiny   retrain the embedded tiny LLaVA from scratch (CPU by default).
+    reproduce    execute the notebooks headlessly on copies (the committed notebooks are not touched);
+                 figures land in figures/, executed copies in out/notebooks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _final_progress(text: str) -> str:
+    """A stream's text with every progress bar reduced to its final state (what a terminal shows at the end)."""
+    lines = [seg.split("\r")[-1] for seg in text.split("\n")]
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        bar = "%|" in line and ":" in line
+        if bar and out and "%|" in out[-1] and out[-1].split(":")[0] == line.split(":")[0]:
+            out[-1] = line
+        else:
+            out.append(line)
+    return "".join(f"{line}\n" for line in out)
+
+
+def clean_notebook(nb) -> None:
+    """Collapse progress bars to their final line and drop execution timestamps (in place)."""
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+        merged = []
+        for out in cell.get("outputs", []):  # consecutive chunks of one stream, as a notebook front end shows them
+            if merged and out.get("output_type") == "stream" and merged[-1].get("output_type") == "stream" \
+                    and merged[-1]["name"] == out["name"]:
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _final_progress(out["text"])
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = [o for o in merged if o.get("output_type") != "stream" or o["text"]]
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    import nbformat
+    from nbclient import NotebookClient
+    from tqdm.auto import tqdm
+
+    paths = [pathlib.Path(p) for p in args.notebooks] or sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+    if not paths:
+        print("no notebooks found", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"notebook(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    for path in tqdm(paths, desc="notebooks", unit="nb"):
+        nb = nbformat.read(path, as_version=4)
+        start = time.perf_counter()
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.resolve().parent)}})
+        client.execute()
+        clean_notebook(nb)
+        target = path if args.in_place else out_dir / path.name
+        nbformat.write(nb, target)
+        tqdm.write(f"{path.name}: {time.perf_counter() - start:.0f} s -> {target}")
+    print(f"figures in {REPO / 'figures'}")
+    return 0
+
+
+class UserError(Exception):
+    """A mistake in the command line or its files: printed as one line, exit code 2."""
+
+
+def _model_path(name: str) -> str:
+    """A local directory as given, or a hub id; "path not found" for what can only be a local path."""
+    p = pathlib.Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {name}: not a model directory (no config.json)")
+        return str(p)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+    if looks_local:
+        raise UserError(f"--model {name}: path not found")
+    return name
+
+
+def _load(model: str, device: str, dtype: str):
+    from .analysis.evaluate import load_model
+
+    return load_model(_model_path(model), device, dtype)
+
+
+def _dataset(args):
+    from .analysis.evaluate import load_vqa
+    from .testbed.shapes import ShapesVQA
+
+    if args.dataset in (None, "shapes"):
+        ds = ShapesVQA(split=args.split, n=args.n, seed=args.seed)
+        n = len(ds) if args.limit is None else min(args.limit, len(ds))
+        # rendered once (not once per method x budget); the per-pixel id map is not needed here
+        return [{k: v for k, v in ds[i].items() if k not in ("idmap", "coverage")} for i in range(n)]
+    try:
+        return load_vqa(args.dataset, split=args.split, limit=args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--dataset: {e}") from None
+
+
+def _eval_args(args) -> tuple[list[str], list[int]]:
+    """Check every argument of ``eval`` before any work."""
+    from .core.selection import SELECTORS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in SELECTORS]
+    if not methods or bad:
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(SELECTORS))}")
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise UserError(f"--budgets must be positive integers separated by commas, got {args.budgets!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise UserError(f"--budgets must be positive integers, got {args.budgets!r}")
+    for name in ("batch_size", "n", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
+        raise UserError("--prompt must contain <image> and {question}")
+    if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
+        raise UserError(f"--dataset {args.dataset}: file not found")
+    if args.out:
+        parent = pathlib.Path(args.out).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"--out {args.out}: directory {parent} does not exist or is not writable")
+    _model_path(args.model)
+    return methods, budgets
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .analysis.evaluate import default_prompt, evaluate
+
+    methods, budgets = _eval_args(args)
+    label = args.dataset or "shapes"
+    done = pd.DataFrame()
+    if args.out and pathlib.Path(args.out).is_file() and pathlib.Path(args.out).stat().st_size:
+        done = pd.read_csv(args.out)
+        if "dataset" not in done or set(done["dataset"]) != {label}:
+            raise UserError(f"--out {args.out} holds other results; choose another file (or delete it)")
+    model, processor = _load(args.model, args.device, args.dtype)
+    data = _dataset(args)
+    prompt = args.prompt or default_prompt(processor)
+    if len(done) and set(done["n"]) != {len(data)}:
+        raise UserError(f"--out {args.out} holds results on {sorted(set(done['n']))} questions, this run has "
+                        f"{len(data)}; choose another file (or delete it)")
+    finished = set(zip(done.get("method", []), done.get("budget", [])))
+    jobs = [(m, b) for m in methods for b in budgets if (m, b) not in finished]
+    if finished:
+        print(f"resuming {args.out}: {len(finished)} job(s) done, {len(jobs)} to run")
+    tables = [done] if len(done) else []
+    for method, budget in jobs:  # one (method, budget) at a time, written as it finishes
+        row = evaluate(model, processor, data, methods=[method], budgets=[budget], batch_size=args.batch_size,
+                       prompt=prompt).assign(dataset=label)
+        tables.append(row)
+        if args.out:
+            pd.concat(tables, ignore_index=True).to_csv(args.out, index=False)
+    table = pd.concat(tables, ignore_index=True)
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(table.drop(columns="dataset").round(3).to_string(index=False))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .analysis.evaluate import evaluate
+    from .notebook.plotting import overlay_kept, save_figure
+    from .testbed.shapes import ShapesVQA
+
+    model, processor = _load(args.model, args.device, "auto")
+    data = ShapesVQA(split="test", n=args.n, seed=args.seed)
+    methods, budgets = ["svd", "fastv", "random"], [576, 64, 16]
+    _, per = evaluate(model, processor, data, methods, budgets, return_samples=True, progress=False)
+    per = per.assign(correct=per["score"].astype(int))
+    table = per.pivot_table(index=["index", "answer"], columns=["method", "budget"], values="prediction",
+                            aggfunc="first")
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print("questions:")
+        for i in range(len(data)):
+            print(f"  {i}: {data[i]['question']}  (answer: {data[i]['answer']})")
+        print(table.to_string())
+        print("\naccuracy:", per.groupby(["method", "budget"])["correct"].mean().round(2).to_dict())
+    # overlay of the kept tokens for the first image
+    from .analysis.evaluate import model_inputs
+    from .hf.patch import patch_llava, unpatch_llava
+
+    item = data[0]
+    inputs = model_inputs(model, processor, [item], args.prompt)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, method in zip(axes, methods):
+        patch_llava(model, method=method, budget=64)
+        try:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            overlay_kept(item["image"], model.svdprune.kept_indices[0], ax=ax)
+        finally:
+            unpatch_llava(model)
+        ax.set_title(f"{method}, K = 64")
+    path = save_figure(fig, "demo-kept-tokens", directory=args.figures)
+    print(f"saved {path}")
+    return 0
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from .testbed.tiny import evaluate_tiny, train_tiny
+
+    for name in ("stage1_samples", "stage2_images", "stage2_steps", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'workers' else 1}, got {value}")
+    if args.stage1_from is not None and not pathlib.Path(args.stage1_from).is_dir():
+        raise UserError(f"--stage1-from {args.stage1_from}: path not found")
+    over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_images=args.stage2_images,
+                                  stage2_steps=args.stage2_steps).items() if v is not None}
+    res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
+                     time_budget=args.time_budget, stage1_from=args.stage1_from, **over)
+    print("validation accuracy:", {k: round(v, 3) for k, v in res.items()})
+    ev = evaluate_tiny(args.out, seed=args.seed)
+    print("test accuracy (576 tokens):", {k: round(v, 3) for k, v in ev["576"].items()})
+    print(f"saved to {args.out} (log: train_log.csv, recipe: recipe.json, test accuracy: eval.json)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default adds the usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+EVAL_EPILOG = """local JSON datasets (--dataset FILE.json): a JSON list of records
+  {"image": "img/0.png", "question": "what colour is the circle?", "answers": ["red", ...],
+   "qtype": "colour", "mask": [[0, 1, ...], ...]}
+  image: a path, relative to the JSON file or absolute (8- or 16-bit PNG/JPEG); answers: a non-empty list of
+  strings (or "answer": a string); qtype (optional): a string, for per-type columns; mask (optional): the answer
+  region as a 24x24 (N-entry) boolean grid, for answer-region recall. Every record is checked before the model
+  runs. Results are written to --out after every (method, budget) job; rerunning with the same --out skips
+  the jobs already there."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"python -m svdprune_utils: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m svdprune_utils", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="execute the notebooks on copies and write figures/")
+    rep.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/[0-9]*.ipynb)")
+    rep.add_argument("--out", default=str(REPO / "out" / "notebooks"), help="where executed copies go")
+    rep.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
+    rep.add_argument("--in-place", action="store_true",
+                     help="write the executed notebooks over the committed ones (how they are produced)")
+    rep.set_defaults(func=_reproduce)
+
+    from .testbed.tiny import DEFAULT_PATH, PROMPT, TRAIN_PATH
+
+    ev = sub.add_parser("eval", help="accuracy vs budget for methods x budgets", epilog=EVAL_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Accuracy, per-type accuracy, answer-region recall and prefill time of every "
+                                    "method at every budget (greedy answers, VQA scoring).")
+    ev.add_argument("--model", default=str(DEFAULT_PATH),
+                    help="a local model directory or a hub id such as llava-hf/llava-1.5-7b-hf (default: the "
+                         "embedded tiny model)")
+    ev.add_argument("--dataset", default=None, help="'shapes' (default: ShapesVQA), a local .json (format below), "
+                                                     "or a Hugging Face dataset id")
+    ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
+    ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions to generate (default 600)")
+    ev.add_argument("--methods", default="svd,fastv,cls_attention,random",
+                    help="comma-separated registry methods (default: svd,fastv,cls_attention,random)")
+    ev.add_argument("--budgets", default="576,192,128,64,32,16",
+                    help="comma-separated image tokens kept per image (default: 576,192,128,64,32,16)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                    help="auto: fp16 on CUDA, fp32 on CPU")
+    ev.add_argument("--seed", type=int, default=0, help="ShapesVQA seed (default 0)")
+    ev.add_argument("--prompt", default=None,
+                    help="prompt template with <image> and {question} (default: the LLaVA-1.5 prompt, with its "
+                         "short-answer instruction when the model's vocabulary can read it)")
+    ev.add_argument("--out", help="CSV file, written after every job; an existing one is resumed")
+    ev.set_defaults(func=_eval)
+
+    de = sub.add_parser("demo", help="answers at 576/64/16 tokens for svd, fastv, random + overlay figure")
+    de.add_argument("--model", default=str(DEFAULT_PATH))
+    de.add_argument("--n", type=int, default=4, help="questions")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", default="cpu")
+    de.add_argument("--figures", default=None, help="figure directory (default: figures/)")
+    de.set_defaults(func=_demo, prompt=PROMPT)
+
+    tr = sub.add_parser("train-tiny", help="train the embedded tiny LLaVA from scratch")
+    tr.add_argument("--out", default=str(TRAIN_PATH),
+                    help=f"output directory (default {TRAIN_PATH.relative_to(REPO)}; the shipped model in "
+                         f"{DEFAULT_PATH.relative_to(REPO)} is only replaced when named here)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
+    tr.add_argument("--workers", type=int, default=1, help="DataLoader processes rendering scenes")
+    tr.add_argument("--stage1-samples", type=int, default=None, help="images for stage 1 (default: recipe)")
+    tr.add_argument("--stage2-images", type=int, default=None, help="scenes in the stage-2 pool (default: recipe)")
+    tr.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps (default: recipe)")
+    tr.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; ends stage 2 early once the run has taken this long")
+    tr.add_argument("--stage1-from", default=None,
+                    help="skip stage 1: reuse the vision tower (and stage-1 log rows) of an earlier run's output")
+    tr.set_defaults(func=_train_tiny)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

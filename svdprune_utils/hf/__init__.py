@@ -1,0 +1,3 @@
+"""Hugging Face integration: the LLaVA patch (``patch``), FastV inside the language model (``fastv``), attention
+read through transformers' attention-function interface (``attention``) and the one apply step from kept image
+tokens to the inputs the language model sees (``inputs``)."""

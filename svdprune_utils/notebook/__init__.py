@@ -1,0 +1,1 @@
+"""Helpers for the notebooks: toy matrices with known structure (``toy``) and plots (``plotting``)."""
