@@ -22,18 +22,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _final_progress(text: str) -> str:
-    """A stream's text with every progress bar reduced to its final state (what a terminal shows at the end)."""
-    lines = [seg.split("\r")[-1] for seg in text.split("\n")]
+    """A stream's text with every progress bar (tqdm's carriage-return updates) reduced to its final state, as a
+    terminal shows it at the end; text without progress bars is returned unchanged."""
+    if "\r" not in text:
+        return text
     out = []
-    for line in lines:
-        if not line.strip():
-            continue
-        bar = "%|" in line and ":" in line
-        if bar and out and "%|" in out[-1] and out[-1].split(":")[0] == line.split(":")[0]:
+    for seg in text.split("\n"):
+        line = seg.split("\r")[-1]
+        if "\r" in seg and not line.strip():
+            continue  # a bar's reset
+        if "%|" in line and out and "%|" in out[-1] and out[-1].split(":")[0] == line.split(":")[0]:
             out[-1] = line
         else:
             out.append(line)
-    return "".join(f"{line}\n" for line in out)
+    return "\n".join(out)
 
 
 def clean_notebook(nb) -> None:

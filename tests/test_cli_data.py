@@ -140,3 +140,21 @@ def test_eval_writes_each_job_and_resumes(tmp_path, capsys, monkeypatch):
     assert list(zip(table["method"], table["budget"])) == [("svd", 576), ("svd", 16), ("random", 576), ("random", 16)]
     assert "resuming" in capsys.readouterr().out
     assert cli([*args[:-1], str(out), "--dataset", str(FIXTURE)]) == 2  # another dataset: refuse to mix
+
+
+def test_reproduce_cleaning_keeps_text_and_collapses_progress_bars():
+    import nbformat
+
+    from svdprune_utils.cli import clean_notebook
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.metadata["execution"] = {"iopub.execute_input": "2026-11-30"}
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="table\n\nrow 1\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\rjobs:   0%|  | 0/2"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\rjobs:  50%|# | 1/2"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\rjobs: 100%|##| 2/2\n")]
+    nb.cells = [cell]
+    clean_notebook(nb)
+    assert [o.text for o in nb.cells[0].outputs] == ["table\n\nrow 1\n", "jobs: 100%|##| 2/2\n"]
+    assert "execution" not in nb.cells[0].metadata

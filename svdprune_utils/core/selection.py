@@ -99,6 +99,7 @@ def select_svd(features, budget, *, rank=None, center=False, solver="exact", see
     ("exact", "exact-svd", "approx"; ``seed`` feeds the approximate one). The defaults (k = K, no
     centering) are the ones notebooks/04_ablations.ipynb measured: k = 16, k = K and energy 0.99 tie,
     every rule ending at k <= 4 (energy <= 0.95 on the embedded model) keeps background; centering +0.2 +- 0.2.
+    The paper's authors have published no code: this is the reference implementation of the paper's rule.
     """
     return top_k(_score_svd(features, rank=rank, budget=budget, center=center, solver=solver, seed=seed), budget)
 
@@ -140,14 +141,18 @@ def select_uniform(features, budget, *, grid=None):
 
 @register("norm", _score_norm)
 def select_norm(features, budget):
-    """Top-K tokens by L2 feature norm ‖x_i‖ (a common content-only baseline)."""
+    """Top-K tokens by L2 feature norm ‖x_i‖ (a common content-only baseline; no official code to follow)."""
     return top_k(_score_norm(features), budget)
 
 
 @register("cls_attention", _score_attention)
 def select_cls_attention(features, budget, *, attention=None):
     """Top-K by CLS→patch attention of the vision tower (FasterVLM; VisionZip's dominant tokens).
-    ``attention``: (B, N) or (N,), heads averaged, from the vision feature layer."""
+    ``attention``: (B, N) or (N,), heads averaged, from the vision feature layer.
+
+    Follows FasterVLM's code (Theia-4869/FasterVLM, ``llava/model/llava_arch.py``, ``encode_images``): the
+    tower's CLS→patch attention at the feature layer, averaged over heads, ``topk`` of it; ties here go to the
+    lower index (``torch.topk`` leaves them unspecified)."""
     return top_k(_score_attention(features, attention=attention), budget)
 
 
@@ -155,7 +160,12 @@ def select_cls_attention(features, budget, *, attention=None):
 def select_fastv(features, budget, *, attention=None):
     """FastV (Chen et al., 2024): top-K image tokens by the attention they receive from the last
     prompt token at LLM layer K−1 (heads averaged). ``attention``: (B, N). Pruning inside the LLM at
-    layer K is done by :mod:`svdprune_utils.hf.patch`; here only the ranking."""
+    layer K is done by :mod:`svdprune_utils.hf.fastv`; here only the ranking.
+
+    Follows FastV's code (pkunlp-icler/FastV, ``src/transformers/src/transformers/models/llama/modeling_llama.py``,
+    the in-place KV-cache branch): layer K−1's attention averaged over heads, the last token's row, ``topk`` over
+    the image tokens, kept rows sorted and keeping their original position ids (``position_ids = keep_indexs``).
+    The official code is batch-1; here each row uses its own last real token (right padding included)."""
     return top_k(_score_attention(features, attention=attention), budget)
 
 
