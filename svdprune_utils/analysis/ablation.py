@@ -35,7 +35,7 @@ from ..core.selection import default_feature, score_tokens, select_tokens, top_k
 from ..core.validate import unit_scale
 from ..hf.attention import vision_cls_attention
 from ..hf.inputs import keep_image_tokens, kept_features
-from .evaluate import LLAVA_PROMPT, _answers, model_inputs, vqa_score
+from .evaluate import LLAVA_PROMPT, answers_of, model_inputs, vqa_score
 
 __all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
            "evaluate_cached"]
@@ -132,7 +132,7 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
         for ids, m in zip(inputs["input_ids"], inputs["attention_mask"]):
             prompts.append(ids[m.bool()].cpu().clone())
         for it in items:
-            answers.append(_answers(it))
+            answers.append(answers_of(it))
             qtypes.append(it.get("qtype", "all"))
             masks.append(None if it.get("mask") is None else np.asarray(it["mask"], dtype=bool).ravel())
     features = {k: torch.cat(v) for k, v in feats.items()}

@@ -60,7 +60,8 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
     return min(1.0, sum(r == p for r in refs) / 3.0)
 
 
-def _answers(item: dict) -> list[str]:
+def answers_of(item: dict) -> list[str]:
+    """The reference answers of a dataset record, as a list of strings."""
     if "answers" in item and item["answers"] is not None:
         a = item["answers"]
         return [a] if isinstance(a, str) else [x["answer"] if isinstance(x, dict) else str(x) for x in a]
@@ -174,7 +175,7 @@ def _run_one(model, processor, dataset, idx_all, prompt, batch_size, max_new_tok
                 rec = 1.0  # nothing pruned
             rows.append({
                 "index": idx_all[idx.start + j], "qtype": it.get("qtype", "all"), "prediction": pred.strip(),
-                "answer": _answers(it)[0], "score": vqa_score(pred, _answers(it)), "region_recall": rec,
+                "answer": answers_of(it)[0], "score": vqa_score(pred, answers_of(it)), "region_recall": rec,
                 "prefill_s": timer["times"][-1] / len(items) if timer["times"] else float("nan"),
             })
     return rows
@@ -284,12 +285,12 @@ def load_vqa(source: str, split: str = "validation", limit: int | None = None) -
             if not img.is_file():
                 raise FileNotFoundError(f"record {i} of {path}: image not found: {img}")
             with Image.open(img) as im:
-                out.append({**r, "image": to_rgb(im), "answers": _answers(r)})
+                out.append({**r, "image": to_rgb(im), "answers": answers_of(r)})
         return out
     from datasets import load_dataset  # the hub path: needs network or a populated HF cache
 
     ds = load_dataset(source, split=split)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    return [{"image": r["image"], "question": r["question"], "answers": _answers(r),
+    return [{"image": r["image"], "question": r["question"], "answers": answers_of(r),
              "qtype": r.get("question_type", "all")} for r in ds]

@@ -38,6 +38,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..core.selection import select_tokens
 from .attention import attention_probs, probing
+from .prune import CACHE_CUT, CACHE_FASTV, cache_of, image_token_mask, tokens_per_image
 
 __all__ = ["FastVCall", "fastv_pre_hook", "fastv_forward"]
 
@@ -162,23 +163,18 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
     return args, kwargs
 
 
-_CACHE_SEL = "_svdprune_fastv"  # attribute set on a cache built by a FastV prompt call: (sel, P)
-
-
 def fastv_forward(model, state, orig, kw: dict):
     """The patched ``forward`` for method "fastv" (called by :mod:`.patch` with the bound arguments)."""
-    from .patch import _CACHE_K, _cache_of, image_token_mask, tokens_per_image
-
     n = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     seq = ids if ids is not None else embeds
     mask = None if seq is None else image_token_mask(model, ids, embeds)
-    cache = _cache_of(kw)
+    cache = cache_of(kw)
     past = cache.get_seq_length() if cache is not None else 0
-    if past and getattr(cache, _CACHE_K, None) is not None:
+    if past and getattr(cache, CACHE_CUT, None) is not None:
         raise ValueError("this cache was built by a pre-LLM method (its prompt was cut before the LLM); continue it "
                          "with that method")
-    stored = getattr(cache, _CACHE_SEL, None) if past else None  # a FastV cache is continued as it was pruned
+    stored = getattr(cache, CACHE_FASTV, None) if past else None  # a FastV cache is continued as it was pruned
     if state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
         if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
             state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
@@ -224,7 +220,7 @@ def fastv_forward(model, state, orig, kw: dict):
     if call.chosen:
         for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, DynamicCache):  # the cache the caller passed, or the one the model made
-                setattr(c, _CACHE_SEL, (call.sel, call.P))
+                setattr(c, CACHE_FASTV, (call.sel, call.P))
         if state._in_generate:
             state._fastv_prompt = (call.sel, call.P)
     if labels is not None:

@@ -19,7 +19,7 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
    (``feature="vision"``: the ``vision_feature_layer`` patch features as the strategy selects them;
    ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
-2. apply: :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N placeholders to K in
+2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N placeholders to K in
    ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels`` (positions compact, rows
    re-padded on their side) and the kept projected features go to the model as ``mm_encoder_outputs``.
 
@@ -31,7 +31,6 @@ caller's prompt; the returned cache can be continued with ``generate(sequences, 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,16 +39,15 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
-from ..core.selection import SELECTORS, default_feature, select_tokens
+from ..core.selection import SELECTORS
 from ..core.validate import check_budget
-from .fastv import _CACHE_SEL, FastVCall, fastv_pre_hook
-from .inputs import image_runs, keep_image_tokens, kept_features
+from .fastv import FastVCall, fastv_pre_hook
+from .prune import CACHE_CUT, CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
 
 _FEATURES = ("vision", "projected")
-_CACHE_K = "_svdprune_image_tokens"  # set on caches built from pruned prompts: (K per image, caller's prompt length)
 
 
 @dataclass
@@ -80,53 +78,8 @@ class PruneState:
     _last_index: torch.Tensor | None = field(default=None, repr=False)  # (B, L) caller columns of the last cut
 
 
-@dataclass
-class Pruned:
-    """What :func:`prune_inputs` returns: ``inputs`` for ``model(**inputs)`` / ``generate`` (pruned
-    placeholders, kept features as ``mm_encoder_outputs``, no ``pixel_values``), ``kept`` (n_images, K)
-    and ``index`` (B, L): the column of the caller's sequence each entry of ``inputs`` came from (-1: pad)."""
-
-    inputs: dict
-    kept: torch.Tensor | None
-    index: torch.Tensor | None
-
-
 def _lm_layers(model):
     return model.model.language_model.layers
-
-
-def _strategy(model, value=None) -> str:
-    return model.config.vision_feature_select_strategy if value is None else value
-
-
-def _feature_layer(model, value=None):
-    return model.config.vision_feature_layer if value is None else value
-
-
-def tokens_per_image(model, vision_feature_select_strategy: str | None = None) -> int:
-    """N, the image features one image gives the LLM: the tower's tokens (patches, + CLS where the tower
-    has one) minus the first when the strategy is "default" (as ``LlavaModel.get_image_features`` does)."""
-    tower = model.model.vision_tower
-    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-    n = getattr(emb, "num_positions", None)
-    if n is None:
-        raise NotImplementedError(f"cannot count the tokens of a {type(tower).__name__} tower")
-    return int(n) - (_strategy(model, vision_feature_select_strategy) == "default")
-
-
-def _has_cls(model) -> bool:
-    tower = model.model.vision_tower
-    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-    return hasattr(emb, "class_embedding")
-
-
-def image_token_mask(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
-    """(B, S) True at the image placeholders, from ``input_ids`` or, as transformers does, from the rows of
-    ``inputs_embeds`` equal to the placeholder's embedding."""
-    if input_ids is not None:
-        return input_ids == model.config.image_token_id
-    ph = model.get_input_embeddings()(torch.tensor(model.config.image_token_id, device=inputs_embeds.device))
-    return (inputs_embeds == ph.to(inputs_embeds.dtype)).all(-1)
 
 
 def _check(model, state: PruneState) -> None:
@@ -158,127 +111,6 @@ def _bind(fn, args, kwargs) -> dict:
     return {**bound, **extra}
 
 
-def _cache_of(kw):
-    return kw.get("cache", kw.get("past_key_values"))
-
-
-# ----------------------------------------------------------------------------- compute: selection
-def _vision_signals(model, state, kw, box):
-    """Run the tower once: (full image outputs, features to score, extra signals)."""
-    from .attention import vision_cls_attention
-
-    layer = _feature_layer(model, kw.get("vision_feature_layer"))
-    strategy = _strategy(model, kw.get("vision_feature_select_strategy"))
-    mm = kw.get("mm_encoder_outputs") or {}
-    if mm.get("image") is not None:
-        out = mm["image"]
-    else:
-        want_cls = state.method == "cls_attention" and state.kept is None
-        if want_cls and not _has_cls(model):
-            tower = type(model.model.vision_tower).__name__
-            raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
-        with vision_cls_attention(model, layer) if want_cls else contextlib.nullcontext({}) as cls:
-            out = model.model.get_image_features(
-                pixel_values=kw["pixel_values"], vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy, image_sizes=kw.get("image_sizes"), return_dict=True)
-        box.update(cls)
-    proj = list(out.pooler_output)
-    if state.kept is not None:
-        return out, proj, None
-    if (state.feature or default_feature(state.method)) == "projected":
-        return out, proj, torch.stack(proj)
-    hs = getattr(out, "hidden_states", None)
-    if hs is None:
-        raise ValueError("mm_encoder_outputs without hidden_states: the vision features to score are missing; "
-                         "pass pixel_values, or feature='projected'")
-    sel = [hs[i] for i in ([layer] if isinstance(layer, int) else layer)]
-    return out, proj, torch.cat([h[:, 1:] if strategy == "default" else h for h in sel], dim=-1)
-
-
-def _select(model, state, kw, n_images: int) -> tuple[torch.Tensor, list]:
-    """kept (n_images, K) and the kept projected features (list of (K, d)) for this call's images."""
-    box = {}
-    out, proj, feats = _vision_signals(model, state, kw, box)
-    if len(proj) != n_images:
-        raise ValueError(f"the prompts hold {n_images} images, the image inputs {len(proj)}")
-    if state.kept is not None:
-        if state.kept.shape[0] != n_images:
-            raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {n_images}")
-        idx = state.kept.long()
-    else:
-        n = feats.shape[1]
-        signals = dict(state.selector_kwargs)
-        side = int(round(n**0.5))
-        if side * side == n:
-            signals.setdefault("grid", (side, side))
-        if "cls" in box:
-            strategy = _strategy(model, kw.get("vision_feature_select_strategy"))
-            signals["attention"] = box["cls"].mean(1)[:, 1:] if strategy == "default" else box["cls"].mean(1)
-        idx = select_tokens(feats, state.budget, method=state.method, **signals)  # (n_images, K)
-    return idx, kept_features(proj, idx)
-
-
-def _prune(model, state, kw: dict, past: int = 0) -> Pruned | None:
-    """The pre-LLM pruning of one call (``kw``: the caller's keyword inputs), or None when the call has
-    nothing to prune (no image runs, or budget >= N)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    N = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
-    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    if ids is None and embeds is None:
-        return None
-    mm = kw.get("mm_encoder_outputs") or {}
-    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
-    img = image_token_mask(model, ids, embeds)
-    cache = _cache_of(kw)
-    record = getattr(cache, _CACHE_K, None) if past else None
-    cache_k, prompt_len = record if record is not None else (None, 0)
-    if past and getattr(cache, _CACHE_SEL, None) is not None:
-        raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
-    if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
-        img = img.clone()
-        img[:, prompt_len:] = False
-    if not bool(img.any()):
-        return None
-    if state.budget >= N and state.kept is None and cache_k is None:  # the unpatched run
-        if has_images and int(img.sum()) % N == 0:
-            state.kept_indices = torch.arange(N, device=img.device).expand(int(img.sum()) // N, -1).clone()
-        return None
-    if has_images and mm.get("image") is not None and kw.get("pixel_values") is None:
-        counts = {int(p.shape[0]) for p in mm["image"].pooler_output}
-        if counts != {N}:  # already reduced (our own inputs inside generate, or the user's own selection)
-            return None
-    if past and not has_images:  # continuing a cache: cut the cached prompt's runs as they were cut
-        if cache_k is None or cache_k >= N:
-            return None
-        if cache_k != min(state.budget, N):
-            raise ValueError(f"this cache was built with {cache_k} tokens per image; the patch's budget is now "
-                             f"{state.budget}: continue with the budget it was built with")
-        n_images = sum(len(r) for r in image_runs(img, N))
-        kept = torch.arange(cache_k).expand(n_images, -1)
-        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, pad_token_id=_pad_id(model))
-        return Pruned(inputs=cut, kept=None, index=cut.pop("index"))
-    if not has_images:
-        return None
-    if past:
-        raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
-                                  "generate again from the whole conversation")
-    n_images = sum(len(r) for r in image_runs(img, N))
-    kept, feats = _select(model, state, kw, n_images)
-    state.kept_indices = kept
-    cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
-                            tokens_per_image=N, pad_token_id=_pad_id(model))
-    cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
-    state._last_index = cut["index"]
-    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"))
-
-
-def _pad_id(model) -> int:
-    pad = model.generation_config.pad_token_id
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    return 0 if pad is None else int(pad)
-
-
 def prune_inputs(model, **inputs) -> Pruned:
     """The inputs the language model sees under the patch (``model.svdprune``'s method and budget), for a
     hand-written loop: ``p = prune_inputs(model, **inputs)``, then ``model(**p.inputs, use_cache=True)``
@@ -290,7 +122,7 @@ def prune_inputs(model, **inputs) -> Pruned:
     _check(model, state)
     if state.method == "fastv":
         raise ValueError("fastv prunes inside the language model: call the patched model on the caller's inputs")
-    out = _prune(model, state, dict(inputs))
+    out = prune_call(model, state, dict(inputs))
     return Pruned(inputs=dict(inputs), kept=state.kept_indices, index=None) if out is None else out
 
 
@@ -349,10 +181,10 @@ def _generate(self, *args, **kwargs):
     if kw.get("inputs") is not None:
         kw["input_ids" if kw.get("inputs_embeds") is None else "inputs"] = kw.pop("inputs")
     gc = kw.get("generation_config") or self.generation_config
-    cache = _cache_of(kw)
+    cache = cache_of(kw)
     if state.method == "fastv":
         n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy"))
-        prunes = state.budget < n_full or state.kept is not None or getattr(cache, _CACHE_SEL, None) is not None
+        prunes = state.budget < n_full or state.kept is not None or getattr(cache, CACHE_FASTV, None) is not None
         if prunes and (kw.get("prompt_lookup_num_tokens") or getattr(gc, "prompt_lookup_num_tokens", None)
                        or kw.get("assistant_model") is not None):
             raise NotImplementedError("fastv does not support assisted / prompt-lookup decoding (the draft "
@@ -365,7 +197,7 @@ def _generate(self, *args, **kwargs):
         finally:
             state._in_generate, state._fastv_prompt = False, None
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
-    pruned = _prune(self, state, kw, past)
+    pruned = prune_call(self, state, kw, past)
     if pruned is None:
         return orig(**kw)
     new = pruned.inputs
@@ -374,15 +206,15 @@ def _generate(self, *args, **kwargs):
     _lengths(self, new, delta, kw[key].shape[1])
     if new.get("streamer") is not None and key == "input_ids":
         new["streamer"] = _PromptStreamer(new["streamer"], kw["input_ids"])
-    record = getattr(cache, _CACHE_K, None) if past else None
+    record = getattr(cache, CACHE_CUT, None) if past else None
     if record is None:  # a new prompt: K per image and the caller's prompt length (its image runs end there)
         record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))), kw[key].shape[1])
     if isinstance(cache, Cache):
-        setattr(cache, _CACHE_K, record)
+        setattr(cache, CACHE_CUT, record)
     out = orig(**new)
     out_cache = getattr(out, "cache", None)
     if isinstance(out_cache, Cache):
-        setattr(out_cache, _CACHE_K, record)
+        setattr(out_cache, CACHE_CUT, record)
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
 
 
@@ -395,16 +227,16 @@ def _forward(self, *args, **kwargs):
         from .fastv import fastv_forward
 
         return fastv_forward(self, state, orig, kw)
-    cache = _cache_of(kw)
+    cache = cache_of(kw)
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
-    pruned = _prune(self, state, kw, past)
+    pruned = prune_call(self, state, kw, past)
     out = orig(**(kw if pruned is None else pruned.inputs))
     if pruned is not None and pruned.kept is not None:  # a pruned prompt: mark the cache it fills
         record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))),
                   (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1])
         for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, Cache):
-                setattr(c, _CACHE_K, record)
+                setattr(c, CACHE_CUT, record)
     return out
 
 

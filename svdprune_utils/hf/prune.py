@@ -1,0 +1,191 @@
+"""One call's pre-LLM pruning, compute then apply: the tower runs once, the selector picks each image's kept
+tokens (or a stored selection is replayed), and :func:`~svdprune_utils.hf.inputs.keep_image_tokens` turns them into
+the inputs the language model sees (the kept projected features as ``mm_encoder_outputs``). Also the facts about a
+LLaVA that the patch and FastV share: tokens per image (from the tower and the feature strategy), where the image
+placeholders are, and the markers a pruned prompt leaves on the KV cache it fills."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..core.selection import default_feature, select_tokens
+from .inputs import image_runs, keep_image_tokens, kept_features
+
+__all__ = ["Pruned", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image", "image_token_mask",
+           "has_cls", "cache_of",
+           "prune_call", "pad_id"]
+
+# Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
+CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: (K per image, the caller's prompt length)
+CACHE_FASTV = "_svdprune_fastv"  # FastV: (kept prompt rows (B, P'), P)
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune_inputs` returns: ``inputs`` for ``model(**inputs)`` / ``generate`` (pruned
+    placeholders, kept features as ``mm_encoder_outputs``, no ``pixel_values``), ``kept`` (n_images, K)
+    and ``index`` (B, L): the column of the caller's sequence each entry of ``inputs`` came from (-1: pad)."""
+
+    inputs: dict
+    kept: torch.Tensor | None
+    index: torch.Tensor | None
+
+
+def strategy(model, value=None) -> str:
+    return model.config.vision_feature_select_strategy if value is None else value
+
+
+def feature_layer(model, value=None):
+    return model.config.vision_feature_layer if value is None else value
+
+
+def tokens_per_image(model, vision_feature_select_strategy: str | None = None) -> int:
+    """N, the image features one image gives the LLM: the tower's tokens (patches, + CLS where the tower
+    has one) minus the first when the strategy is "default" (as ``LlavaModel.get_image_features`` does)."""
+    tower = model.model.vision_tower
+    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    n = getattr(emb, "num_positions", None)
+    if n is None:
+        raise NotImplementedError(f"cannot count the tokens of a {type(tower).__name__} tower")
+    return int(n) - (strategy(model, vision_feature_select_strategy) == "default")
+
+
+def has_cls(model) -> bool:
+    tower = model.model.vision_tower
+    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    return hasattr(emb, "class_embedding")
+
+
+def image_token_mask(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    """(B, S) True at the image placeholders, from ``input_ids`` or, as transformers does, from the rows of
+    ``inputs_embeds`` equal to the placeholder's embedding."""
+    if input_ids is not None:
+        return input_ids == model.config.image_token_id
+    ph = model.get_input_embeddings()(torch.tensor(model.config.image_token_id, device=inputs_embeds.device))
+    return (inputs_embeds == ph.to(inputs_embeds.dtype)).all(-1)
+
+
+def cache_of(kw):
+    return kw.get("cache", kw.get("past_key_values"))
+
+
+# ----------------------------------------------------------------------------- compute: selection
+def _vision_signals(model, state, kw, box):
+    """Run the tower once: (full image outputs, features to score, extra signals)."""
+    from .attention import vision_cls_attention
+
+    layer = feature_layer(model, kw.get("vision_feature_layer"))
+    strat = strategy(model, kw.get("vision_feature_select_strategy"))
+    mm = kw.get("mm_encoder_outputs") or {}
+    if mm.get("image") is not None:
+        out = mm["image"]
+    else:
+        want_cls = state.method == "cls_attention" and state.kept is None
+        if want_cls and not has_cls(model):
+            tower = type(model.model.vision_tower).__name__
+            raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
+        with vision_cls_attention(model, layer) if want_cls else contextlib.nullcontext({}) as cls:
+            out = model.model.get_image_features(
+                pixel_values=kw["pixel_values"], vision_feature_layer=layer,
+                vision_feature_select_strategy=strat, image_sizes=kw.get("image_sizes"), return_dict=True)
+        box.update(cls)
+    proj = list(out.pooler_output)
+    if state.kept is not None:
+        return out, proj, None
+    if (state.feature or default_feature(state.method)) == "projected":
+        return out, proj, torch.stack(proj)
+    hs = getattr(out, "hidden_states", None)
+    if hs is None:
+        raise ValueError("mm_encoder_outputs without hidden_states: the vision features to score are missing; "
+                         "pass pixel_values, or feature='projected'")
+    sel = [hs[i] for i in ([layer] if isinstance(layer, int) else layer)]
+    return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1)
+
+
+def _select(model, state, kw, n_images: int) -> tuple[torch.Tensor, list]:
+    """kept (n_images, K) and the kept projected features (list of (K, d)) for this call's images."""
+    box = {}
+    out, proj, feats = _vision_signals(model, state, kw, box)
+    if len(proj) != n_images:
+        raise ValueError(f"the prompts hold {n_images} images, the image inputs {len(proj)}")
+    if state.kept is not None:
+        if state.kept.shape[0] != n_images:
+            raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {n_images}")
+        idx = state.kept.long()
+    else:
+        n = feats.shape[1]
+        signals = dict(state.selector_kwargs)
+        side = int(round(n**0.5))
+        if side * side == n:
+            signals.setdefault("grid", (side, side))
+        if "cls" in box:
+            strat = strategy(model, kw.get("vision_feature_select_strategy"))
+            signals["attention"] = box["cls"].mean(1)[:, 1:] if strat == "default" else box["cls"].mean(1)
+        idx = select_tokens(feats, state.budget, method=state.method, **signals)  # (n_images, K)
+    return idx, kept_features(proj, idx)
+
+
+def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
+    """The pre-LLM pruning of one call (``kw``: the caller's keyword inputs), or None when the call has
+    nothing to prune (no image runs, or budget >= N)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    N = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if ids is None and embeds is None:
+        return None
+    mm = kw.get("mm_encoder_outputs") or {}
+    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
+    img = image_token_mask(model, ids, embeds)
+    cache = cache_of(kw)
+    record = getattr(cache, CACHE_CUT, None) if past else None
+    cache_k, prompt_len = record if record is not None else (None, 0)
+    if past and getattr(cache, CACHE_FASTV, None) is not None:
+        raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
+    if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
+        img = img.clone()
+        img[:, prompt_len:] = False
+    if not bool(img.any()):
+        return None
+    if state.budget >= N and state.kept is None and cache_k is None:  # the unpatched run
+        if has_images and int(img.sum()) % N == 0:
+            state.kept_indices = torch.arange(N, device=img.device).expand(int(img.sum()) // N, -1).clone()
+        return None
+    if has_images and mm.get("image") is not None and kw.get("pixel_values") is None:
+        counts = {int(p.shape[0]) for p in mm["image"].pooler_output}
+        if counts != {N}:  # already reduced (our own inputs inside generate, or the user's own selection)
+            return None
+    if past and not has_images:  # continuing a cache: cut the cached prompt's runs as they were cut
+        if cache_k is None or cache_k >= N:
+            return None
+        if cache_k != min(state.budget, N):
+            raise ValueError(f"this cache was built with {cache_k} tokens per image; the patch's budget is now "
+                             f"{state.budget}: continue with the budget it was built with")
+        n_images = sum(len(r) for r in image_runs(img, N))
+        kept = torch.arange(cache_k).expand(n_images, -1)
+        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, pad_token_id=pad_id(model))
+        return Pruned(inputs=cut, kept=None, index=cut.pop("index"))
+    if not has_images:
+        return None
+    if past:
+        raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
+                                  "generate again from the whole conversation")
+    n_images = sum(len(r) for r in image_runs(img, N))
+    kept, feats = _select(model, state, kw, n_images)
+    state.kept_indices = kept
+    cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
+                            tokens_per_image=N, pad_token_id=pad_id(model))
+    cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
+    state._last_index = cut["index"]
+    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"))
+
+
+def pad_id(model) -> int:
+    pad = model.generation_config.pad_token_id
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    return 0 if pad is None else int(pad)
+
+
