@@ -59,7 +59,7 @@ def clean_notebook(nb) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     import nbformat
     from nbclient import NotebookClient
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     paths = [pathlib.Path(p) for p in args.notebooks] or sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
     if not paths:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ipywidgets here)
 
 from ..core.selection import default_feature, score_tokens, select_tokens, top_k
 from ..core.validate import unit_scale

@@ -236,7 +236,7 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     on the model's device) and selection_pct (of the pruned prefill at that budget).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from ..hf.patch import patch_llava, unpatch_llava
 

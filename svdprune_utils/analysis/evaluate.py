@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ipywidgets here)
 
 from ..core.metrics import region_recall
 from ..hf.inputs import LLAVA_PROMPT

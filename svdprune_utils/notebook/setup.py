@@ -14,15 +14,27 @@ Parameters (environment variables; the defaults run on a laptop CPU with nothing
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-__all__ = ["setup"]
+__all__ = ["quiet", "setup"]
+
+
+def quiet() -> None:
+    """Keep the committed outputs clean: no ipywidgets warning from ``tqdm.auto`` (which transformers imports;
+    call this before importing it) and no weight-loading progress bars."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    warnings.filterwarnings("ignore", category=TqdmWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
-    """Load what a notebook needs. ``limit``: the notebook's default number of questions.
+    """Load what a notebook needs (after :func:`quiet`). ``limit``: the notebook's default number of questions.
 
     Returns a namespace with ``model``, ``processor``, ``dataset``, ``prompt`` (the LLaVA-1.5 prompt, with the
     short-answer instruction when the model's vocabulary can read it), ``fastv_layer`` (FastV's K = 2, or the
@@ -31,8 +43,6 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from tqdm import TqdmWarning
-    from transformers.utils import logging as hf_logging
 
     from ..analysis.evaluate import default_prompt, load_model, load_vqa
     from ..hf.patch import tokens_per_image
@@ -40,8 +50,7 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
     from ..testbed.shapes import ShapesVQA
     from .plotting import figures_dir
 
-    warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: tqdm falls back to text bars
-    hf_logging.disable_progress_bar()  # keep weight-loading bars out of the committed outputs
+    quiet()
     sns.set_theme(style="whitegrid", context="notebook")
     plt.rcParams.update({"figure.dpi": dpi, "savefig.dpi": 110, "axes.titlesize": "medium"})
 

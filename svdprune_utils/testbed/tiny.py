@@ -570,7 +570,7 @@ def feature_pool(model, n_images: int, questions: int, seed: int, workers: int =
     ``dense`` (n, 4, 576) patch targets, ``qas`` (per scene: up to ``questions`` (question, answer) pairs,
     its own first, then ``shapes.extra_turns``) and ``regions`` (per scene: (Q, 576) bool answer regions).
     Memory: n x 576 x d x 2 bytes (590 MB for 8000 scenes at d = 64)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     dev = model.device
     feats, dense, qas, regions = [], [], [], []
@@ -616,7 +616,7 @@ def train_tiny(out_dir: str | Path = TRAIN_PATH, seed: int = 0, device: str = "a
     is deterministic for a given seed). Returns the final validation accuracy dict. Deterministic for a
     given (seed, device); ``workers`` (scene-rendering processes) does not change the result.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     recipe = replace(recipe, **overrides) if overrides else recipe
     if not 1 <= recipe.batch_size <= recipe.stage2_images:
