@@ -158,3 +158,14 @@ def test_reproduce_cleaning_keeps_text_and_collapses_progress_bars():
     clean_notebook(nb)
     assert [o.text for o in nb.cells[0].outputs] == ["table\n\nrow 1\n", "jobs: 100%|##| 2/2\n"]
     assert "execution" not in nb.cells[0].metadata
+
+
+def test_eval_help_documents_every_option_and_the_json_format(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--dataset", "--split", "--n", "--methods", "--budgets", "--limit", "--batch-size",
+                   "--device", "--dtype", "--seed", "--prompt", "--out"):
+        assert option in out
+    assert "local JSON datasets" in out and '"answers"' in out and "resum" in out

@@ -214,9 +214,7 @@ def fastv_forward(model, state, orig, kw: dict):
         with probing(model.config.text_config, probes):
             out = orig(**kw)
     finally:
-        # gradient checkpointing re-runs the layers (and these hooks) during backward: keep the call for it
-        if not (model.training and getattr(model, "is_gradient_checkpointing", False)):
-            state._call = None
+        state._call = None
     if call.chosen:
         for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, DynamicCache):  # the cache the caller passed, or the one the model made
