@@ -69,7 +69,8 @@ def image_token_mask(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
 
 
 def cache_of(kw):
-    return kw.get("cache", kw.get("past_key_values"))
+    """The KV cache a call was given (``cache``, or its deprecated name ``past_key_values``), or None."""
+    return kw.get("cache") if kw.get("cache") is not None else kw.get("past_key_values")
 
 
 # ----------------------------------------------------------------------------- compute: selection
