@@ -34,7 +34,9 @@ from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ip
 from ..core.selection import default_feature, score_tokens, select_tokens, top_k
 from ..core.validate import unit_scale
 from ..hf.attention import vision_cls_attention
+from ..hf.fastv import default_layer
 from ..hf.inputs import keep_image_tokens, kept_features
+from ..hf.prune import pad_id
 from .evaluate import LLAVA_PROMPT, answers_of, model_inputs, vqa_score
 
 __all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
@@ -183,8 +185,7 @@ def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int],
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     image_id = model.config.image_token_id
-    pad = model.generation_config.pad_token_id
-    pad = 0 if pad is None else pad
+    pad = pad_id(model)
     proj = cache.features["projected"]
     N, K = proj.shape[1], kept.shape[1]
     keys = [(int(i), K, kept[j].cpu().numpy().tobytes()) for j, i in enumerate(samples)]
@@ -215,7 +216,7 @@ def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], 
 
     from ..hf.patch import patch_llava, unpatch_llava
 
-    layer = min(2, len(model.model.language_model.layers) - 1) if fastv_layer is None else int(fastv_layer)
+    layer = default_layer(model) if fastv_layer is None else int(fastv_layer)
     proj = cache.features["projected"]
     N = proj.shape[1]
     if budget >= N:  # nothing pruned: the same run as any method at full budget
@@ -224,8 +225,7 @@ def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], 
                              batch_size=batch_size), kept
     keys = [(int(i), "fastv", int(budget), layer) for i in samples]
     todo = [j for j, key in enumerate(keys) if key not in cache.memo]
-    pad = model.generation_config.pad_token_id
-    pad = 0 if pad is None else pad
+    pad = pad_id(model)
     patch_llava(model, method="fastv", budget=budget, fastv_layer=layer)
     try:
         for s in range(0, len(todo), batch_size):

@@ -40,7 +40,12 @@ from ..core.selection import select_tokens
 from .attention import attention_probs, probing
 from .prune import CACHE_CUT, CACHE_FASTV, cache_of, image_token_mask, tokens_per_image
 
-__all__ = ["FastVCall", "fastv_pre_hook", "fastv_forward"]
+__all__ = ["FastVCall", "default_layer", "fastv_pre_hook", "fastv_forward"]
+
+
+def default_layer(model) -> int:
+    """FastV's K: 2 as in its paper, or the last-but-one decoder layer of a shallower model."""
+    return min(2, model.config.text_config.num_hidden_layers - 1)
 
 
 @dataclass

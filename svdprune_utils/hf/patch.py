@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
-from .prune import CACHE_CUT, CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
+from .prune import CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
@@ -206,15 +206,8 @@ def _generate(self, *args, **kwargs):
     _lengths(self, new, delta, kw[key].shape[1])
     if new.get("streamer") is not None and key == "input_ids":
         new["streamer"] = _PromptStreamer(new["streamer"], kw["input_ids"])
-    record = getattr(cache, CACHE_CUT, None) if past else None
-    if record is None:  # a new prompt: K per image and the caller's prompt length (its image runs end there)
-        record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))), kw[key].shape[1])
-    if isinstance(cache, Cache):
-        setattr(cache, CACHE_CUT, record)
     out = orig(**new)
-    out_cache = getattr(out, "cache", None)
-    if isinstance(out_cache, Cache):
-        setattr(out_cache, CACHE_CUT, record)
+    pruned.mark(cache, getattr(out, "cache", None))
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
 
 
@@ -231,12 +224,8 @@ def _forward(self, *args, **kwargs):
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = prune_call(self, state, kw, past)
     out = orig(**(kw if pruned is None else pruned.inputs))
-    if pruned is not None and pruned.kept is not None:  # a pruned prompt: mark the cache it fills
-        record = (min(state.budget, tokens_per_image(self, kw.get("vision_feature_select_strategy"))),
-                  (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1])
-        for c in (cache, getattr(out, "cache", None)):
-            if isinstance(c, Cache):
-                setattr(c, CACHE_CUT, record)
+    if pruned is not None:  # a pruned prompt: mark the cache it fills
+        pruned.mark(cache, getattr(out, "cache", None))
     return out
 
 

@@ -27,11 +27,19 @@ CACHE_FASTV = "_svdprune_fastv"  # FastV: (kept prompt rows (B, P'), P)
 class Pruned:
     """What :func:`prune_inputs` returns: ``inputs`` for ``model(**inputs)`` / ``generate`` (pruned
     placeholders, kept features as ``mm_encoder_outputs``, no ``pixel_values``), ``kept`` (n_images, K)
-    and ``index`` (B, L): the column of the caller's sequence each entry of ``inputs`` came from (-1: pad)."""
+    and ``index`` (B, L): the column of the caller's sequence each entry of ``inputs`` came from (-1: pad).
+    ``record``: what a cache filled by these inputs must remember (``CACHE_CUT``; None when continuing one)."""
 
     inputs: dict
     kept: torch.Tensor | None
     index: torch.Tensor | None
+    record: tuple | None = None
+
+    def mark(self, *caches) -> None:
+        """Set ``record`` on every cache given (the caller's, the one the model returned) that exists."""
+        for c in caches:
+            if self.record is not None and c is not None and hasattr(c, "get_seq_length"):
+                setattr(c, CACHE_CUT, self.record)
 
 
 def strategy(model, value=None) -> str:
@@ -42,21 +50,22 @@ def feature_layer(model, value=None):
     return model.config.vision_feature_layer if value is None else value
 
 
+def _embeddings(model):
+    tower = model.model.vision_tower
+    return getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+
+
 def tokens_per_image(model, vision_feature_select_strategy: str | None = None) -> int:
     """N, the image features one image gives the LLM: the tower's tokens (patches, + CLS where the tower
     has one) minus the first when the strategy is "default" (as ``LlavaModel.get_image_features`` does)."""
-    tower = model.model.vision_tower
-    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-    n = getattr(emb, "num_positions", None)
+    n = getattr(_embeddings(model), "num_positions", None)
     if n is None:
-        raise NotImplementedError(f"cannot count the tokens of a {type(tower).__name__} tower")
+        raise NotImplementedError(f"cannot count the tokens of a {type(model.model.vision_tower).__name__} tower")
     return int(n) - (strategy(model, vision_feature_select_strategy) == "default")
 
 
 def has_cls(model) -> bool:
-    tower = model.model.vision_tower
-    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-    return hasattr(emb, "class_embedding")
+    return hasattr(_embeddings(model), "class_embedding")
 
 
 def image_token_mask(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
@@ -181,7 +190,8 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
                             tokens_per_image=N, pad_token_id=pad_id(model))
     cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
     state._last_index = cut["index"]
-    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"))
+    seq = ids if ids is not None else embeds
+    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=(min(state.budget, N), seq.shape[1]))
 
 
 def pad_id(model) -> int:

@@ -45,6 +45,7 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
     import seaborn as sns
 
     from ..analysis.evaluate import default_prompt, load_model, load_vqa
+    from ..hf.fastv import default_layer
     from ..hf.patch import tokens_per_image
     from ..testbed import tiny
     from ..testbed.shapes import ShapesVQA
@@ -67,5 +68,5 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
     side = int(round(n_tokens**0.5))
     return SimpleNamespace(
         model=model, processor=processor, dataset=dataset, prompt=default_prompt(processor),
-        fastv_layer=min(2, model.config.text_config.num_hidden_layers - 1), n_tokens=n_tokens,
+        fastv_layer=default_layer(model), n_tokens=n_tokens,
         grid=(side, n_tokens // side), figures=Path(os.environ.get("SVDPRUNE_FIGURES", figures_dir())), **params)
