@@ -126,12 +126,14 @@ def _dataset(args):
 
 def _eval_args(args) -> tuple[list[str], list[int]]:
     """Check every argument of ``eval`` before any work."""
+    from .core.reduction import REDUCERS
     from .core.selection import SELECTORS
 
+    known = sorted({*SELECTORS, *REDUCERS})  # every method patch_llava takes
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in SELECTORS]
+    bad = [m for m in methods if m not in known]
     if not methods or bad:
-        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(SELECTORS))}")
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -303,7 +305,8 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
     ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions to generate (default 600)")
     ev.add_argument("--methods", default="svd,fastv,cls_attention,random",
-                    help="comma-separated registry methods (default: svd,fastv,cls_attention,random)")
+                    help="comma-separated methods: selectors (svd, fastv, cls_attention, vispruner, cdpruner, ...) "
+                         "or the merging visionzip (default: svd,fastv,cls_attention,random)")
     ev.add_argument("--budgets", default="576,192,128,64,32,16",
                     help="comma-separated image tokens kept per image (default: 576,192,128,64,32,16)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")

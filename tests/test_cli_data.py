@@ -104,6 +104,16 @@ def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_eval_runs_the_peers_whose_signals_the_patch_computes(tmp_path, capsys):
+    out = tmp_path / "res.csv"
+    assert cli(["eval", "--methods", "vispruner,cdpruner,visionzip", "--budgets", "16", "--limit", "2", "--n", "2",
+                "--device", "cpu", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table["method"]) == ["vispruner", "cdpruner", "visionzip"] and set(table["tokens"]) == {16}
+    assert cli(["eval", "--methods", "nope"]) == 2
+    assert "visionzip" in capsys.readouterr().err  # the merging method is listed among the choices
+
+
 def test_train_tiny_user_errors_and_default_output(capsys):
     assert cli(["train-tiny", "--stage2-steps", "0"]) == 2
     assert cli(["train-tiny", "--stage1-from", "/no/such/run"]) == 2

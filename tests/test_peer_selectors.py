@@ -427,3 +427,18 @@ def test_reduction_from_kept_and_validation():
     with pytest.raises(ValueError, match="features"):
         Reduction(kept=torch.zeros(1, 3, dtype=torch.long), features=torch.zeros(1, 2, 4),
                   sources=torch.zeros(1, 3, 6, dtype=torch.bool))
+
+
+def test_reduction_in_raster_order_permutes_features_and_sources_alike():
+    X = torch.as_tensor(clip_like(40, 6, seed=2), dtype=torch.float64)[None].expand(2, -1, -1).clone()
+    g = torch.Generator().manual_seed(0)
+    red = reduce_visionzip(X, 12, attention=torch.rand(2, 40, generator=g), keys=torch.randn(2, 40, 5, generator=g))
+    assert bool((red.kept[:, 1:] < red.kept[:, :-1]).any())  # dominant then contextual: not ascending
+    out = red.in_raster_order()
+    assert bool((out.kept.diff(dim=1) > 0).all())
+    for b in range(2):
+        by_position = {int(p): (f, s) for p, f, s in zip(red.kept[b], red.features[b], red.sources[b])}
+        for j, p in enumerate(out.kept[b].tolist()):
+            assert torch.equal(out.features[b, j], by_position[p][0]) and torch.equal(out.sources[b, j], by_position[p][1])
+    sel = Reduction.from_kept(torch.tensor([[4, 1, 7]]), 9).in_raster_order()
+    assert sel.kept.tolist() == [[1, 4, 7]] and sel.features is None and sel.sources[0].nonzero()[:, 1].tolist() == [1, 4, 7]

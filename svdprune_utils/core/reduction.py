@@ -72,6 +72,17 @@ class Reduction:
         """N, the number of input tokens per sample."""
         return self.sources.shape[2]
 
+    def in_raster_order(self) -> Reduction:
+        """The same K output tokens reordered so that ``kept`` ascends in every row, ``features`` and
+        ``sources`` permuted alike: the order in which an image's tokens fill its kept placeholders. (VisionZip
+        lists its dominant tokens, then its contextual ones; their positions are distinct patches.)"""
+        order = torch.sort(self.kept, dim=1, stable=True).indices
+        feats = None
+        if self.features is not None:
+            feats = torch.gather(self.features, 1, order.unsqueeze(-1).expand(-1, -1, self.features.shape[-1]))
+        sources = torch.gather(self.sources, 1, order.unsqueeze(-1).expand(-1, -1, self.sources.shape[-1]))
+        return Reduction(kept=torch.gather(self.kept, 1, order), features=feats, sources=sources)
+
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The (B, K, d) output features, given the (B, N, d) input ``features`` this reduction was computed
         from: ``self.features`` when set, else the inputs gathered at ``kept``."""

@@ -1,6 +1,6 @@
 """Plug-and-play visual-token pruning for Hugging Face ``LlavaForConditionalGeneration``.
 
-    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS; "fastv" prunes inside the LLM
+    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS or REDUCERS; "fastv" prunes inside the LLM
     out = model.generate(**processor(images=..., text=..., return_tensors="pt", padding=True))
     model.svdprune.budget = 32                    # knobs are plain attributes, read at every call
     model.svdprune.kept_indices                   # (n_images, K) kept patch indices of the last call
@@ -18,10 +18,14 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
 
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
    (``feature="vision"``: the ``vision_feature_layer`` patch features as the strategy selects them;
-   ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
-2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N placeholders to K in
-   ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels`` (positions compact, rows
-   re-padded on their side) and the kept projected features go to the model as ``mm_encoder_outputs``.
+   ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``), the
+   method's other signals are computed from the same call (:mod:`.signals`: the tower's CLS attention and keys,
+   cdpruner's instruction relevance) and ``reduce_tokens`` gives K = min(budget, N) output tokens per image:
+   kept positions (n_images, K), ascending, and, for a merging method (VisionZip), their merged features;
+2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N
+   placeholders to K in ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels``
+   (positions compact, rows re-padded on their side) and the K tokens' projected features (the kept ones', or
+   the projector applied to the merged ones) go to the model as ``mm_encoder_outputs``.
 
 ``generate`` keeps its whole contract: it returns the caller's prompt (N placeholders per image) followed
 by the new tokens; ``max_length``/``min_length`` count the caller's prompt; a streamer first receives the
@@ -39,6 +43,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
+from ..core.reduction import REDUCERS
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
@@ -54,12 +59,13 @@ _FEATURES = ("vision", "projected")
 class PruneState:
     """Everything a patch holds (``model.svdprune``). Public fields may be changed between calls.
 
-    method: a key of ``SELECTORS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others before the
-    LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
+    method: a key of ``SELECTORS`` or ``REDUCERS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others
+    before the LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
     pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``select_tokens`` (``rank``,
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
-    last call that saw images, images in batch order.
+    last call that saw images, images in batch order (for VisionZip: each output token's position, a
+    contextual token at its target patch).
     """
 
     method: str
@@ -84,8 +90,9 @@ def _lm_layers(model):
 
 def _check(model, state: PruneState) -> None:
     """Validate the knobs (at patch time and at every call, since they are plain attributes)."""
-    if state.method not in SELECTORS:
-        raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}")
+    if state.method not in SELECTORS and state.method not in REDUCERS:
+        raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
+                         f"merging: {sorted(REDUCERS)}")
     state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
         raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
@@ -93,6 +100,10 @@ def _check(model, state: PruneState) -> None:
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
     if state.kept is not None:
+        if state.method in REDUCERS:
+            raise ValueError(f"kept replays a selection, and {state.method} merges tokens (kept cannot describe "
+                             "its merged features): patch with a selector (e.g. method='random', kept=...) to "
+                             "keep those positions unmerged")
         k = state.kept
         if not isinstance(k, torch.Tensor) or k.ndim != 2 or k.is_floating_point() or k.dtype == torch.bool:
             raise ValueError("kept must be an integer LongTensor (n_images, K), e.g. model.svdprune.kept_indices")
@@ -234,14 +245,22 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
                 kept: torch.Tensor | None = None, **selector_kwargs: Any):
     """Prune the visual tokens of a ``LlavaForConditionalGeneration`` in place; returns ``model``.
 
-    method: a key of ``SELECTORS``; "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2),
-    every other method before the LLM. budget: tokens kept per image (>= N: identical to unpatched).
+    method: a key of ``SELECTORS``, or of ``REDUCERS`` ("visionzip": D dominant + C merged contextual tokens,
+    ``reduce_visionzip``); "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2), every other method
+    before the LLM, with the signals the patch computes from the call (:mod:`.signals`). budget: tokens kept
+    per image (>= N: identical to unpatched).
     feature: "vision" (vision_feature_layer patch features) or "projected", what pre-LLM methods score;
     None (default): the method's own default (``selectors.FEATURE_DEFAULTS``: "projected" for divprune, as
     its authors' code scores the LLM's input; "vision" for the others).
     kept: a stored selection (n_images, K) (e.g. an earlier ``model.svdprune.kept_indices``) used instead of
     selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer).
-    selector_kwargs: extra signals for ``select_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``).
+    selector_kwargs: extra signals for ``reduce_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``;
+    ``important_ratio=`` for vispruner; ``dominant=`` for visionzip; for cdpruner the official relevance instead
+    of the patch's LLM-embedding variant (:func:`.signals.instruction_relevance`): ``relevance=`` (n_images, N)
+    raw mean cosine of each image token to the instruction, or ``image_embeds=`` (n_images, N, e) with
+    ``text_embeds=`` (M, e) or (n_images, M, e) — tensors of ONE call's images, so set
+    ``model.svdprune.selector_kwargs`` anew before each call). ``attention`` and ``keys`` are computed by the
+    patch and refused here.
     Patching a patched model replaces the first patch. Raises TypeError for a non-LLaVA model and
     ValueError for a bad method, budget, feature, fastv_layer or kept.
     """
@@ -251,8 +270,10 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
                        selector_kwargs=dict(selector_kwargs),
                        kept=None if kept is None else torch.as_tensor(kept).clone())
     _check(model, state)
-    if "attention" in selector_kwargs:
-        raise ValueError("`attention` is computed by the patch (cls_attention, fastv); do not pass it")
+    for name in ("attention", "keys"):
+        if name in selector_kwargs:
+            raise ValueError(f"`{name}` is computed by the patch (cls_attention, vispruner, visionzip, fastv); "
+                             "do not pass it")
     tokens_per_image(model)  # refuses towers it cannot count
     unpatch_llava(model)
     try:

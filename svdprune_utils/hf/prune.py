@@ -1,8 +1,9 @@
-"""One call's pre-LLM pruning, compute then apply: the tower runs once, the selector picks each image's kept
-tokens (or a stored selection is replayed), and :func:`~svdprune_utils.hf.inputs.keep_image_tokens` turns them into
-the inputs the language model sees (the kept projected features as ``mm_encoder_outputs``). Also the facts about a
-LLaVA that the patch and FastV share: tokens per image (from the tower and the feature strategy), where the image
-placeholders are, and the markers a pruned prompt leaves on the KV cache it fills."""
+"""One call's pre-LLM pruning, compute then apply: the tower runs once, the method picks (or merges) each
+image's tokens with the signals :mod:`.signals` computes (or a stored selection is replayed), and
+:func:`~svdprune_utils.hf.inputs.keep_image_tokens` turns them into the inputs the language model sees (the
+kept tokens' features as ``mm_encoder_outputs``). Also the facts about a LLaVA that the patch and FastV share:
+tokens per image (from the tower and the feature strategy), where the image placeholders are, and the markers a
+pruned prompt leaves on the KV cache it fills."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.selection import default_feature, select_tokens
+from ..core.reduction import reduce_tokens
+from ..core.selection import default_feature
 from .inputs import image_runs, keep_image_tokens, kept_features
+from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
 
 __all__ = ["Pruned", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image", "image_token_mask",
            "has_cls", "cache_of",
@@ -84,58 +87,78 @@ def cache_of(kw):
 
 # ----------------------------------------------------------------------------- compute: selection
 def _vision_signals(model, state, kw, box):
-    """Run the tower once: (full image outputs, features to score, extra signals)."""
+    """Run the tower once: (full image outputs, projected features (list), features to score, their space).
+    For the methods of ``signals.CLS_HEADS`` the tower's CLS attention (and keys) are recorded in ``box``."""
     from .attention import vision_cls_attention
 
     layer = feature_layer(model, kw.get("vision_feature_layer"))
     strat = strategy(model, kw.get("vision_feature_select_strategy"))
     mm = kw.get("mm_encoder_outputs") or {}
+    wants_cls = state.method in CLS_HEADS and state.kept is None
     if mm.get("image") is not None:
+        if wants_cls:
+            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
+                             "mm_encoder_outputs do not carry: pass pixel_values")
         out = mm["image"]
     else:
-        want_cls = state.method == "cls_attention" and state.kept is None
-        if want_cls and not has_cls(model):
+        if wants_cls and not has_cls(model):
             tower = type(model.model.vision_tower).__name__
-            raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
-        with vision_cls_attention(model, layer) if want_cls else contextlib.nullcontext({}) as cls:
+            raise ValueError(f"{state.method} needs a vision tower with a CLS token (its CLS→patch attention); "
+                             f"{tower} has none")
+        keys = state.method in NEEDS_KEYS
+        with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
             out = model.model.get_image_features(
                 pixel_values=kw["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strat, image_sizes=kw.get("image_sizes"), return_dict=True)
         box.update(cls)
     proj = list(out.pooler_output)
     if state.kept is not None:
-        return out, proj, None
+        return out, proj, None, None
     if (state.feature or default_feature(state.method)) == "projected":
-        return out, proj, torch.stack(proj)
+        return out, proj, torch.stack(proj), "projected"
     hs = getattr(out, "hidden_states", None)
     if hs is None:
         raise ValueError("mm_encoder_outputs without hidden_states: the vision features to score are missing; "
                          "pass pixel_values, or feature='projected'")
     sel = [hs[i] for i in ([layer] if isinstance(layer, int) else layer)]
-    return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1)
+    return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1), "vision"
 
 
-def _select(model, state, kw, n_images: int) -> tuple[torch.Tensor, list]:
-    """kept (n_images, K) and the kept projected features (list of (K, d)) for this call's images."""
+def _select(model, state, kw, img: torch.Tensor, N: int) -> tuple[torch.Tensor, list]:
+    """kept (n_images, K), ascending, and the K features per image the LLM receives (list of (K, d)), for
+    this call's images (``img``: the caller's placeholder mask, runs of N).
+
+    A selection keeps the kept tokens' projected features. A merging method (VisionZip) returns its merged
+    features in the space it scored (``feature``: "vision" -> the projector is applied to the K merged tokens,
+    as VisionZip applies ``mm_projector`` to its compressed sequence; "projected" -> used as they are); each
+    output token sits at the placeholder of its position (``Reduction.kept``: a contextual token at its
+    target's), the tokens sorted by position with their features (``Reduction.in_raster_order``). The merge
+    runs on detached features (as every core method), so merged tokens pass gradients to the projector only,
+    not to the tower (LLaVA-1.5 trains with the tower frozen)."""
     box = {}
-    out, proj, feats = _vision_signals(model, state, kw, box)
+    out, proj, feats, space = _vision_signals(model, state, kw, box)
+    runs = image_runs(img, N)
+    n_images = sum(len(r) for r in runs)
     if len(proj) != n_images:
         raise ValueError(f"the prompts hold {n_images} images, the image inputs {len(proj)}")
     if state.kept is not None:
         if state.kept.shape[0] != n_images:
             raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {n_images}")
         idx = state.kept.long()
-    else:
-        n = feats.shape[1]
-        signals = dict(state.selector_kwargs)
-        side = int(round(n**0.5))
-        if side * side == n:
-            signals.setdefault("grid", (side, side))
-        if "cls" in box:
-            strat = strategy(model, kw.get("vision_feature_select_strategy"))
-            signals["attention"] = box["cls"].mean(1)[:, 1:] if strat == "default" else box["cls"].mean(1)
-        idx = select_tokens(feats, state.budget, method=state.method, **signals)  # (n_images, K)
-    return idx, kept_features(proj, idx)
+        return idx, kept_features(proj, idx)
+    n = feats.shape[1]
+    signals = dict(state.selector_kwargs)
+    side = int(round(n**0.5))
+    if side * side == n:
+        signals.setdefault("grid", (side, side))
+    rows = torch.cat([torch.full((len(r),), b, dtype=torch.long) for b, r in enumerate(runs)])
+    default = strategy(model, kw.get("vision_feature_select_strategy")) == "default"
+    signals.update(method_signals(model, state.method, state.selector_kwargs, kw, box, default, img, rows, proj))
+    red = reduce_tokens(feats, state.budget, state.method, **signals).in_raster_order()  # (n_images, K)
+    if red.features is None:  # a selection
+        return red.kept, kept_features(proj, red.kept)
+    merged = red.features if space == "projected" else model.model.multi_modal_projector(red.features)
+    return red.kept, list(merged)
 
 
 def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
@@ -183,8 +206,7 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     if past:
         raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
                                   "generate again from the whole conversation")
-    n_images = sum(len(r) for r in image_runs(img, N))
-    kept, feats = _select(model, state, kw, n_images)
+    kept, feats = _select(model, state, kw, img, N)
     state.kept_indices = kept
     cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
                             tokens_per_image=N, pad_token_id=pad_id(model))
