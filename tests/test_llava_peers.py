@@ -136,6 +136,7 @@ def _text_mean(model, x, b):
 
 def test_cdpruner_relevance_is_each_rows_own_text(tiny_llava):
     x = build_llava_inputs([(3, 2, 4), (9, 1, 2)])  # row 0's two images share row 0's text
+    x["input_ids"] = x["input_ids"].masked_fill(x["attention_mask"] == 0, 50)  # padding by an id not declared as pad
     proj = _projected(tiny_llava, x)
     text = torch.stack([_text_mean(tiny_llava, x, b) for b in (0, 0, 1)])
     raw = F.cosine_similarity(proj.double(), text[:, None, :], dim=-1)  # (3, N)

@@ -61,7 +61,7 @@ class PruneState:
 
     method: a key of ``SELECTORS`` or ``REDUCERS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others
     before the LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
-    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``select_tokens`` (``rank``,
+    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``reduce_tokens`` (``rank``,
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
     last call that saw images, images in batch order (for VisionZip: each output token's position, a

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 __all__ = ["CLS_HEADS", "NEEDS_KEYS", "USER_RELEVANCE", "special_token_ids", "text_token_mask",
            "instruction_relevance", "method_signals"]
 
-# methods that read the tower's CLS attention, and how they reduce its heads
+# methods that read the tower's CLS attention, and how they reduce its heads as their authors' code does (sum and
+# mean rank alike, and these methods only rank it: the choice is for fidelity, not for a different selection)
 CLS_HEADS = {"cls_attention": "mean", "vispruner": "mean", "visionzip": "sum"}
 NEEDS_KEYS = {"visionzip"}  # methods that also read the feature layer's head-averaged keys
 USER_RELEVANCE = ("relevance", "image_embeds", "text_embeds")  # cdpruner signals a user may give instead
