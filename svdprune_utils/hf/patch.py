@@ -24,8 +24,20 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
    kept positions (n_images, K), ascending, and, for a merging method (VisionZip), their merged features;
 2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N
    placeholders to K in ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels``
-   (positions compact, rows re-padded on their side) and the K tokens' projected features (the kept ones', or
-   the projector applied to the merged ones) go to the model as ``mm_encoder_outputs``.
+   (rows re-padded on their side) and the K tokens' projected features (the kept ones', or the projector
+   applied to the merged ones) go to the model as ``mm_encoder_outputs``.
+
+Positions (``positions``; None: the method's own, ``prune.default_positions``): "compact" (pre-LLM default, as
+the official pre-LLM LLaVA implementations: the kept tokens and the text after them get consecutive positions,
+which transformers derives from the shortened mask) or "original" (every kept token keeps the position it had in
+the full prompt, as FastV's and SparseVLM v2.0's official code do). With "original" the patch passes
+``position_ids`` (the full prompt's ``attention_mask.cumsum(-1) - 1`` at the kept columns) to the model;
+``generate`` numbers each new token from the last prompt column (its own rule: ``position_ids[:, -1] + 1``),
+so the first new token of a row sits at that row's full prompt length, as if nothing had been dropped; a
+continued cache is cut from the caller's whole sequence and mask, so it keeps that numbering; a forward call
+continuing a cache without ``position_ids`` gets them from the cache's record (``CutRecord.next_position``).
+FastV cuts inside the LLM after transformers has numbered the full sequence: it implements "original" only, and
+``positions="compact"`` with method "fastv" raises ValueError.
 
 ``generate`` keeps its whole contract: it returns the caller's prompt (N placeholders per image) followed
 by the new tokens; ``max_length``/``min_length`` count the caller's prompt; a streamer first receives the
@@ -47,7 +59,8 @@ from ..core.reduction import REDUCERS
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
-from .prune import CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
+from .inputs import POSITIONS
+from .prune import CACHE_CUT, CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
@@ -65,13 +78,15 @@ class PruneState:
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
     last call that saw images, images in batch order (for VisionZip: each output token's position, a
-    contextual token at its target patch).
+    contextual token at its target patch). positions: "compact", "original" or None (the method's own:
+    ``prune.default_positions``); "fastv" implements "original" only.
     """
 
     method: str
     budget: int
     feature: str | None = None
     fastv_layer: int = 2
+    positions: str | None = None
     selector_kwargs: dict = field(default_factory=dict)
     kept: torch.Tensor | None = None
     kept_indices: torch.Tensor | None = None
@@ -96,6 +111,12 @@ def _check(model, state: PruneState) -> None:
     state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
         raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
+    if state.positions is not None and state.positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS} or None (the method's own), got {state.positions!r}")
+    if state.method == "fastv" and state.positions == "compact":
+        raise ValueError("fastv implements positions='original' only (it cuts inside the LLM, after the full "
+                         "sequence is numbered; its official code keeps the kept tokens' position ids): use "
+                         "positions='original' or None")
     n_layers = len(_lm_layers(model))
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
@@ -126,7 +147,10 @@ def prune_inputs(model, **inputs) -> Pruned:
     """The inputs the language model sees under the patch (``model.svdprune``'s method and budget), for a
     hand-written loop: ``p = prune_inputs(model, **inputs)``, then ``model(**p.inputs, use_cache=True)``
     and decode steps that grow ``p.inputs["attention_mask"]`` by one column each. Works for pre-LLM
-    methods (FastV prunes inside the LLM: give its forward the caller's inputs). ``p.kept``: the selection."""
+    methods (FastV prunes inside the LLM: give its forward the caller's inputs). ``p.kept``: the selection.
+    With ``positions="original"``, ``p.inputs["position_ids"]`` holds the kept tokens' original positions: a
+    hand-written loop passes ``position_ids=p.inputs["position_ids"][:, -1:] + 1 + step`` at decode step
+    ``step`` (0, 1, ...), as ``generate`` does (the model would otherwise count the cache's pruned length)."""
     state = model.__dict__.get("svdprune")
     if state is None:
         raise ValueError("prune_inputs needs a model patched with patch_llava (it reads model.svdprune)")
@@ -222,6 +246,20 @@ def _generate(self, *args, **kwargs):
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
 
 
+def _continued_positions(cache, past: int, kw: dict) -> dict:
+    """A forward call continuing a cache that an "original"-positions prompt filled, without ``position_ids``
+    (a hand-written decode loop): number its tokens on from the prompt's original numbering, as ``generate``
+    would (``next_position + tokens cached after the prompt + arange``), not from the cache's pruned length."""
+    rec = getattr(cache, CACHE_CUT, None)
+    seq = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    if rec is None or rec.positions != "original" or seq is None:
+        return kw
+    nxt = rec.next_position.to(seq.device)
+    nxt = nxt.repeat_interleave(max(seq.shape[0] // nxt.shape[0], 1))  # beams / num_return_sequences
+    pos = nxt[:, None] + (past - rec.length) + torch.arange(seq.shape[1], device=seq.device)
+    return {**kw, "position_ids": pos}
+
+
 def _forward(self, *args, **kwargs):
     state = self.svdprune
     orig = self.forward.orig
@@ -234,6 +272,8 @@ def _forward(self, *args, **kwargs):
     cache = cache_of(kw)
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = prune_call(self, state, kw, past)
+    if pruned is None and past and kw.get("position_ids") is None:
+        kw = _continued_positions(cache, past, kw)
     out = orig(**(kw if pruned is None else pruned.inputs))
     if pruned is not None:  # a pruned prompt: mark the cache it fills
         pruned.mark(cache, getattr(out, "cache", None))
@@ -242,7 +282,7 @@ def _forward(self, *args, **kwargs):
 
 # ---------------------------------------------------------------------------------- public API
 def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | None = None, *, fastv_layer: int = 2,
-                kept: torch.Tensor | None = None, **selector_kwargs: Any):
+                kept: torch.Tensor | None = None, positions: str | None = None, **selector_kwargs: Any):
     """Prune the visual tokens of a ``LlavaForConditionalGeneration`` in place; returns ``model``.
 
     method: a key of ``SELECTORS``, or of ``REDUCERS`` ("visionzip": D dominant + C merged contextual tokens,
@@ -254,6 +294,10 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     its authors' code scores the LLM's input; "vision" for the others).
     kept: a stored selection (n_images, K) (e.g. an earlier ``model.svdprune.kept_indices``) used instead of
     selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer).
+    positions: the kept tokens' position ids: "compact" (consecutive after the cut, as the official pre-LLM LLaVA
+    implementations), "original" (their positions in the full prompt, as FastV's and SparseVLM v2.0's official
+    code; generation goes on numbering from the full prompt length), or None (default): the method's own
+    ("compact" for pre-LLM methods, "original" for fastv, which implements "original" only).
     selector_kwargs: extra signals for ``reduce_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``;
     ``important_ratio=`` for vispruner; ``dominant=`` for visionzip; for cdpruner the official relevance instead
     of the patch's LLM-embedding variant (:func:`.signals.instruction_relevance`): ``relevance=`` (n_images, N)
@@ -262,11 +306,11 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     ``model.svdprune.selector_kwargs`` anew before each call). ``attention`` and ``keys`` are computed by the
     patch and refused here.
     Patching a patched model replaces the first patch. Raises TypeError for a non-LLaVA model and
-    ValueError for a bad method, budget, feature, fastv_layer or kept.
+    ValueError for a bad method, budget, feature, fastv_layer, kept or positions.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration, got {type(model).__name__}")
-    state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer,
+    state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer, positions=positions,
                        selector_kwargs=dict(selector_kwargs),
                        kept=None if kept is None else torch.as_tensor(kept).clone())
     _check(model, state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -17,13 +18,38 @@ from ..core.selection import default_feature
 from .inputs import image_runs, keep_image_tokens, kept_features
 from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
 
-__all__ = ["Pruned", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image", "image_token_mask",
-           "has_cls", "cache_of",
-           "prune_call", "pad_id"]
+__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image",
+           "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of", "prune_call", "pad_id"]
 
 # Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
-CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: (K per image, the caller's prompt length)
+CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: a CutRecord
 CACHE_FASTV = "_svdprune_fastv"  # FastV: (kept prompt rows (B, P'), P)
+
+
+def default_positions(method: str) -> str:
+    """The position ids a method gives its kept tokens when the patch's ``positions`` is None: "original" for
+    fastv (its official code: ``position_ids = keep_indexs``; the only value it implements), "compact" for every
+    pre-LLM method (the official pre-LLM LLaVA implementations shorten the sequence before the LLM)."""
+    return "original" if method == "fastv" else "compact"
+
+
+def positions_of(state) -> str:
+    """The patch's ``positions`` knob, resolved (None: the method's own, :func:`default_positions`)."""
+    return state.positions if state.positions is not None else default_positions(state.method)
+
+
+class CutRecord(NamedTuple):
+    """What a cache filled by a pre-LLM pruned prompt remembers (``CACHE_CUT``), so that a call continuing it
+    cuts and numbers alike. k: tokens per image kept; prompt_len: the caller's prompt length (S, N placeholders
+    per image); positions: "compact" or "original"; length: the pruned prompt's length (L, the cache's length
+    after it); next_position: for "original", (B,) the position of the first token after the prompt in each row
+    (the last prompt column's position + 1, generate's own rule), None for "compact"."""
+
+    k: int
+    prompt_len: int
+    positions: str = "compact"
+    length: int = 0
+    next_position: torch.Tensor | None = None
 
 
 @dataclass
@@ -36,7 +62,7 @@ class Pruned:
     inputs: dict
     kept: torch.Tensor | None
     index: torch.Tensor | None
-    record: tuple | None = None
+    record: CutRecord | None = None
 
     def mark(self, *caches) -> None:
         """Set ``record`` on every cache given (the caller's, the one the model returned) that exists."""
@@ -175,7 +201,8 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     img = image_token_mask(model, ids, embeds)
     cache = cache_of(kw)
     record = getattr(cache, CACHE_CUT, None) if past else None
-    cache_k, prompt_len = record if record is not None else (None, 0)
+    cache_k, prompt_len = (record.k, record.prompt_len) if record is not None else (None, 0)
+    positions = positions_of(state)
     if past and getattr(cache, CACHE_FASTV, None) is not None:
         raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
     if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
@@ -197,9 +224,13 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
         if cache_k != min(state.budget, N):
             raise ValueError(f"this cache was built with {cache_k} tokens per image; the patch's budget is now "
                              f"{state.budget}: continue with the budget it was built with")
+        if record.positions != positions:
+            raise ValueError(f"this cache was built with positions={record.positions!r}; the patch's positions are "
+                             f"now {positions!r}: continue with the positions it was built with")
         n_images = sum(len(r) for r in image_runs(img, N))
-        kept = torch.arange(cache_k).expand(n_images, -1)
-        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, pad_token_id=pad_id(model))
+        kept = torch.arange(cache_k).expand(n_images, -1)  # which ones is moot: only the uncached tail is used
+        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, positions=positions,
+                                pad_token_id=pad_id(model))
         return Pruned(inputs=cut, kept=None, index=cut.pop("index"))
     if not has_images:
         return None
@@ -209,11 +240,14 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     kept, feats = _select(model, state, kw, img, N)
     state.kept_indices = kept
     cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
-                            tokens_per_image=N, pad_token_id=pad_id(model))
+                            tokens_per_image=N, positions=positions, pad_token_id=pad_id(model))
     cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
     state._last_index = cut["index"]
     seq = ids if ids is not None else embeds
-    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=(min(state.budget, N), seq.shape[1]))
+    L = cut["index"].shape[1]
+    nxt = cut["position_ids"][:, -1] + 1 if positions == "original" else None
+    record = CutRecord(min(state.budget, N), seq.shape[1], positions, L, nxt)
+    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=record)
 
 
 def pad_id(model) -> int:
