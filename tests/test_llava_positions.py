@@ -210,6 +210,23 @@ def test_a_cache_is_continued_with_the_positions_it_was_built_with(tiny_llava):
                             max_new_tokens=2)
 
 
+def test_original_with_inputs_embeds_static_cache_and_beams(tiny_llava):
+    x = build_llava_inputs(MIXED[:2])
+    S = x["input_ids"].shape[1]
+    patch_llava(tiny_llava, method="svd", budget=16, positions="original")
+    ref = _gen(tiny_llava, x)[0]
+    xe = {"inputs_embeds": tiny_llava.get_input_embeddings()(x["input_ids"]).detach(),
+          "attention_mask": x["attention_mask"], "pixel_values": x["pixel_values"]}
+    assert torch.equal(_gen(tiny_llava, xe)[0], ref[:, S:])
+    assert torch.equal(_gen(tiny_llava, x, cache_implementation="static")[0], ref)
+    with torch.no_grad():
+        beams = tiny_llava.generate(**x, max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+        for b in range(2):  # each row's beams run at its own original positions
+            one = _solo(x, b, b)
+            solo = tiny_llava.generate(**one, max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+            assert torch.equal(beams[2 * b:2 * b + 2, S:], solo[:, one["input_ids"].shape[1]:])
+
+
 # ------------------------------------------------------------------------------------------ hand-written loops
 def test_original_hand_written_loops_equal_generate(tiny_llava):
     """Two loops: on the model's own cache (prompt = the caller's inputs; decode steps without position_ids get
