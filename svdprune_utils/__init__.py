@@ -5,11 +5,12 @@ The one-screen API::
     import svdprune_utils as sp
     scores = sp.leverage_scores(X, rank=16)             # (N, d) or (B, N, d) -> (N,) / (B, N), fp32
     kept = sp.select_tokens(X, budget=64, method="svd") # LongTensor of kept indices, ascending
+    red = sp.reduce_tokens(X, 64, "visionzip", attention=a, keys=k)  # merging methods: a Reduction
     sp.patch_llava(model, method="svd", budget=64)      # prune a Hugging Face LLaVA (loaded on first use)
 
 The layers (data flows one way, top to bottom; a layer never imports one below it in this list):
 
-    core/       validation, leverage scores, the selector registry, metrics          (torch/numpy/scipy only)
+    core/       validation, leverage scores, the selector registry, reductions, metrics (torch/numpy/scipy only)
     hf/         the LLaVA patch, FastV, attention probes, the apply step (kept -> inputs)   (transformers)
     testbed/    ShapesVQA and the embedded tiny LLaVA
     analysis/   accuracy-vs-budget harness, cached ablations, positional bias, efficiency
@@ -27,6 +28,8 @@ from .core.metrics import (
     region_recall,
     spatial_stats,
 )
+from .core.peer_selectors import cdpruner_relevance
+from .core.reduction import REDUCERS, Reduction, reduce_tokens, reduce_visionzip
 from .core.selection import FEATURE_DEFAULTS, SCORE_BASED, SELECTORS, register, score_tokens, select_tokens, top_k
 
 __version__ = "0.1.0"
@@ -40,6 +43,11 @@ __all__ = [
     "FEATURE_DEFAULTS",
     "register",
     "top_k",
+    "reduce_tokens",
+    "reduce_visionzip",
+    "Reduction",
+    "REDUCERS",
+    "cdpruner_relevance",
     "projection_residual",
     "optimal_residual",
     "spatial_stats",

@@ -126,12 +126,14 @@ def _dataset(args):
 
 def _eval_args(args) -> tuple[list[str], list[int]]:
     """Check every argument of ``eval`` before any work."""
+    from .core.reduction import REDUCERS
     from .core.selection import SELECTORS
 
+    known = sorted({*SELECTORS, *REDUCERS})  # every method patch_llava takes
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in SELECTORS]
+    bad = [m for m in methods if m not in known]
     if not methods or bad:
-        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(SELECTORS))}")
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -142,6 +144,9 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.positions == "compact" and "fastv" in methods:
+        raise UserError("--positions compact: fastv implements original positions only; evaluate fastv without "
+                        "--positions (or with --positions original)")
     if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
         raise UserError("--prompt must contain <image> and {question}")
     if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
@@ -158,28 +163,36 @@ def _eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .analysis.evaluate import default_prompt, evaluate
+    from .hf.prune import default_positions
 
     methods, budgets = _eval_args(args)
+
+    def positions(method):  # what each method runs with
+        return args.positions or default_positions(method)
+
     label = args.dataset or "shapes"
     done = pd.DataFrame()
     if args.out and pathlib.Path(args.out).is_file() and pathlib.Path(args.out).stat().st_size:
         done = pd.read_csv(args.out)
         if "dataset" not in done or set(done["dataset"]) != {label}:
             raise UserError(f"--out {args.out} holds other results; choose another file (or delete it)")
+        if "positions" not in done:  # written before the knob: every method ran with its own positions
+            done["positions"] = [default_positions(m) for m in done["method"]]
     model, processor = _load(args.model, args.device, args.dtype)
     data = _dataset(args)
     prompt = args.prompt or default_prompt(processor)
     if len(done) and set(done["n"]) != {len(data)}:
         raise UserError(f"--out {args.out} holds results on {sorted(set(done['n']))} questions, this run has "
                         f"{len(data)}; choose another file (or delete it)")
-    finished = set(zip(done.get("method", []), done.get("budget", [])))
-    jobs = [(m, b) for m in methods for b in budgets if (m, b) not in finished]
+    finished = set(zip(done.get("method", []), done.get("budget", []), done.get("positions", [])))
+    jobs = [(m, b) for m in methods for b in budgets if (m, b, positions(m)) not in finished]
     if finished:
         print(f"resuming {args.out}: {len(finished)} job(s) done, {len(jobs)} to run")
     tables = [done] if len(done) else []
     for method, budget in jobs:  # one (method, budget) at a time, written as it finishes
         row = evaluate(model, processor, data, methods=[method], budgets=[budget], batch_size=args.batch_size,
-                       prompt=prompt).assign(dataset=label)
+                       prompt=prompt, patch_kwargs={"positions": args.positions})
+        row = row.assign(dataset=label, positions=positions(method))
         tables.append(row)
         if args.out:
             pd.concat(tables, ignore_index=True).to_csv(args.out, index=False)
@@ -303,7 +316,8 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
     ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions to generate (default 600)")
     ev.add_argument("--methods", default="svd,fastv,cls_attention,random",
-                    help="comma-separated registry methods (default: svd,fastv,cls_attention,random)")
+                    help="comma-separated methods: selectors (svd, fastv, cls_attention, vispruner, cdpruner, ...) "
+                         "or the merging visionzip (default: svd,fastv,cls_attention,random)")
     ev.add_argument("--budgets", default="576,192,128,64,32,16",
                     help="comma-separated image tokens kept per image (default: 576,192,128,64,32,16)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -315,6 +329,10 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--prompt", default=None,
                     help="prompt template with <image> and {question} (default: the LLaVA-1.5 prompt, with its "
                          "short-answer instruction when the model's vocabulary can read it)")
+    ev.add_argument("--positions", default=None, choices=["compact", "original"],
+                    help="position ids of the kept tokens: compact (consecutive after the cut) or original (their "
+                         "positions in the full prompt); default: each method's own (compact before the LLM, "
+                         "original for fastv, which implements only original)")
     ev.add_argument("--out", help="CSV file, written after every job; an existing one is resumed")
     ev.set_defaults(func=_eval)
 

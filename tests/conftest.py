@@ -31,6 +31,25 @@ def build_tiny_llava(seed: int = 0, text_layers: int = 4, init_std: float = 0.2,
     return model
 
 
+def build_siglip_llava(strategy: str = "default"):
+    """As :func:`build_tiny_llava` with a SigLIP tower (no CLS token: 576 patch tokens); ``strategy``: the
+    feature strategy ("default" drops the first patch, "full" keeps all)."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=336, patch_size=14)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                       initializer_range=0.2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                      vision_feature_select_strategy=strategy)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    return model
+
+
 def build_llava_inputs(prompts, n_patches: int = 576, seed: int = 0, pad_left: bool = True) -> dict:
     """Token batches for :func:`build_tiny_llava`. ``prompts``: list of (n_text_before, n_images, n_text_after);
     each image is ``n_patches`` placeholders. Rows are padded (left by default) with PAD_ID, mask 0."""

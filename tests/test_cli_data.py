@@ -93,15 +93,41 @@ def test_eval_on_a_local_json_with_the_embedded_model_reads_the_question(tmp_pat
     (["--dataset", "missing.json"], "file not found"),
     (["--prompt", "no placeholders"], "--prompt must contain"),
     (["--dtype", "fp8"], "invalid choice"),
+    (["--positions", "shifted"], "invalid choice"),
+    (["--methods", "svd,fastv", "--positions", "compact"], "fastv implements original positions only"),
 ])
 def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
-    assert cli(["eval", *argv]) == 2 if "--dtype" not in argv else True
-    if "--dtype" in argv:
+    by_argparse = "--dtype" in argv or "shifted" in argv  # choices: argparse exits (2) itself
+    assert cli(["eval", *argv]) == 2 if not by_argparse else True
+    if by_argparse:
         with pytest.raises(SystemExit) as e:
             cli(["eval", *argv])
         assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_eval_runs_the_peers_whose_signals_the_patch_computes(tmp_path, capsys):
+    out = tmp_path / "res.csv"
+    assert cli(["eval", "--methods", "vispruner,cdpruner,visionzip", "--budgets", "16", "--limit", "2", "--n", "2",
+                "--device", "cpu", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table["method"]) == ["vispruner", "cdpruner", "visionzip"] and set(table["tokens"]) == {16}
+    assert cli(["eval", "--methods", "nope"]) == 2
+    assert "visionzip" in capsys.readouterr().err  # the merging method is listed among the choices
+
+
+def test_eval_positions_is_a_column_and_a_resume_key(tmp_path, capsys):
+    out = tmp_path / "res.csv"
+    args = ["eval", "--methods", "svd,fastv", "--budgets", "16", "--limit", "2", "--n", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert cli([*args, "--positions", "original"]) == 0
+    assert list(pd.read_csv(out)["positions"]) == ["original", "original"]
+    assert cli(args) == 0  # each method's own: svd runs again (compact), fastv's original row is already there
+    table = pd.read_csv(out)
+    assert list(zip(table["method"], table["positions"])) == [("svd", "original"), ("fastv", "original"),
+                                                             ("svd", "compact")]
+    assert "1 to run" in capsys.readouterr().out
 
 
 def test_train_tiny_user_errors_and_default_output(capsys):
@@ -166,6 +192,6 @@ def test_eval_help_documents_every_option_and_the_json_format(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--split", "--n", "--methods", "--budgets", "--limit", "--batch-size",
-                   "--device", "--dtype", "--seed", "--prompt", "--out"):
+                   "--device", "--dtype", "--seed", "--prompt", "--positions", "--out"):
         assert option in out
     assert "local JSON datasets" in out and '"answers"' in out and "resum" in out

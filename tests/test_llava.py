@@ -7,12 +7,15 @@ import torch
 from conftest import build_llava_inputs, build_tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from svdprune_utils.core.reduction import REDUCERS
 from svdprune_utils.core.selection import SELECTORS, select_tokens
 from svdprune_utils.hf.attention import capture_attention
 from svdprune_utils.hf.patch import patch_llava, unpatch_llava
 
 N = 576  # patches per image (336 / 14)²
-PRE_LLM = sorted(set(SELECTORS) - {"fastv"})
+METHODS = sorted({*SELECTORS, *REDUCERS})  # every method patch_llava takes
+PRE_LLM = [m for m in METHODS if m != "fastv"]
+PEERS = ["vispruner", "cdpruner", "visionzip"]  # peers whose signals the patch computes (tests/test_llava_peers.py)
 MIXED = [(3, 1, 4), (9, 1, 2), (1, 1, 7)]  # 3 prompts of different lengths, one image each
 
 
@@ -52,7 +55,7 @@ def _hook_count(model):
     return sum(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
 
 
-@pytest.mark.parametrize("method", sorted(SELECTORS))
+@pytest.mark.parametrize("method", METHODS)
 def test_full_budget_is_identical_to_unpatched(tiny_llava, method):
     x = build_llava_inputs(MIXED[:2])
     ref_logits, (ref_seq, ref_gen_logits) = _logits(tiny_llava, x), _greedy(tiny_llava, x)
@@ -103,7 +106,7 @@ def test_fastv_layer_k_receives_k_tokens_per_image(tiny_llava):
     assert tiny_llava.svdprune.kept_indices.shape == (3, 16)
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", *PEERS])
 def test_left_padded_batch_equals_rows_one_by_one(tiny_llava, method):
     x = build_llava_inputs(MIXED)
     patch_llava(tiny_llava, method=method, budget=16)
@@ -130,13 +133,15 @@ def test_rows_with_different_image_counts_are_repadded_correctly(tiny_llava):
         torch.testing.assert_close(logits[b], l1[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", *PEERS])
 def test_generate_with_cache_equals_without(tiny_llava, method):
     x = build_llava_inputs(MIXED)
     patch_llava(tiny_llava, method=method, budget=16)
-    seq, logits = _greedy(tiny_llava, x, n=6)
+    # without a cache every step re-reads the whole sequence, where a generated placeholder id would count as an
+    # image token (unpatched too): the random model is kept from generating it
+    seq, logits = _greedy(tiny_llava, x, n=6, suppress_tokens=[127])
     kept = tiny_llava.svdprune.kept_indices.clone()
-    seq_nc, logits_nc = _greedy(tiny_llava, x, n=6, use_cache=False)
+    seq_nc, logits_nc = _greedy(tiny_llava, x, n=6, use_cache=False, suppress_tokens=[127])
     assert torch.equal(seq, seq_nc)
     torch.testing.assert_close(logits, logits_nc, atol=1e-4, rtol=1e-4)
     assert torch.equal(kept, tiny_llava.svdprune.kept_indices)

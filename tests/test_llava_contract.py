@@ -9,14 +9,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_tiny_llava
+from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_siglip_llava, build_tiny_llava
 from transformers import GenerationConfig
 
 from svdprune_utils.hf.attention import capture_attention
 from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
 
 N = 576
-METHODS = ["svd", "fastv", "cls_attention", "random"]
+METHODS = ["svd", "fastv", "cls_attention", "random", "vispruner", "cdpruner", "visionzip"]
 
 
 def _gen(model, x, n=4, **kw):
@@ -199,27 +199,10 @@ def test_inputs_embeds_with_pixel_values_is_pruned(tiny_llava, method):
 
 
 # ---------------------------------------------------------------------------------------- 8. towers
-def _siglip_llava(strategy):
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=336, patch_size=14)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-                       initializer_range=0.2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
-                      vision_feature_select_strategy=strategy)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
-    return model
-
-
 @pytest.mark.parametrize(("strategy", "n"), [("full", 576), ("default", 575)])
 @pytest.mark.parametrize("method", ["svd", "fastv"])
 def test_tower_without_cls(strategy, n, method):
-    model = _siglip_llava(strategy)
+    model = build_siglip_llava(strategy)
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], n_patches=n)
     ref = _gen(model, x)
     patch_llava(model, method=method, budget=n)

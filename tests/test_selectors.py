@@ -14,15 +14,18 @@ ALL = sorted(SELECTORS)
 
 
 def signals_for(method, N, B=None, seed=0):
-    if method in ("cls_attention", "fastv"):
-        g = torch.Generator().manual_seed(seed)
-        shape = (N,) if B is None else (B, N)
+    g = torch.Generator().manual_seed(seed)
+    shape = (N,) if B is None else (B, N)
+    if method in ("cls_attention", "fastv", "vispruner"):
         return {"attention": torch.rand(shape, generator=g)}
+    if method == "cdpruner":
+        return {"relevance": torch.rand(shape, generator=g)}
     return {}
 
 
 def test_registry_has_the_required_methods():
-    assert {"svd", "random", "uniform", "norm", "cls_attention", "fastv", "divprune", "pivoted_qr"} <= set(SELECTORS)
+    assert {"svd", "random", "uniform", "norm", "cls_attention", "fastv", "divprune", "pivoted_qr", "vispruner",
+            "cdpruner"} <= set(SELECTORS)
     for name, fn in SELECTORS.items():
         assert fn.__doc__ and len(fn.__doc__.strip()) > 20, f"{name} needs a docstring with its criterion"
 

@@ -199,7 +199,7 @@ def evaluate(
     """Accuracy, per-type accuracy, answer-region recall and prefill time for every method × budget.
 
     The model is patched for each (method, budget) with ``patch_llava(model, method, budget,
-    **patch_kwargs)`` (e.g. ``feature=``, ``fastv_layer=``, selector signals such as ``rank=``) and
+    **patch_kwargs)`` (e.g. ``feature=``, ``fastv_layer=``, ``positions=``, selector signals such as ``rank=``) and
     unpatched afterwards (also on error); it is left as it came. Decoding is greedy, so the table is deterministic on a given machine.
 
     Returns a DataFrame with one row per (method, budget): ``tokens`` (image tokens kept per image),

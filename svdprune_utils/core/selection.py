@@ -9,7 +9,9 @@ returning the kept token indices of each sample, sorted ascending (raster order 
 (all tokens), the 2-D/3-D and torch/numpy cases, and forwards only the signals a selector accepts.
 
 Score-based selectors keep the top-K scores with ties broken towards the lower index (a stable sort).
-Adding a method = one function decorated with ``@register("name")``.
+Adding a method = one function decorated with ``@register("name")``. Peers with a longer rule (VisPruner,
+CDPruner) live in :mod:`.peer_selectors` and register from there; importing ``svdprune_utils.core`` loads them.
+Methods that merge tokens (VisionZip) are not selectors: see :mod:`.reduction` (``reduce_tokens``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from .leverage import leverage_scores
 from .metrics import grid_shape
-from .validate import as_features, check_budget, unit_scale
+from .validate import as_features, as_signal, check_budget, unit_scale
 
 __all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED", "FEATURE_DEFAULTS",
            "default_feature"]
@@ -60,17 +62,7 @@ def top_k(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 def _signal(value: Any, name: str, shape: tuple[int, int], device) -> torch.Tensor:
     """A per-token signal (N,) or (B, N) as a (B, N) float tensor; clear errors otherwise."""
-    if value is None:
-        raise ValueError(f"this selector needs the signal `{name}` (per-token scores of shape (B, N))")
-    t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
-    t = t.detach().to(device=device, dtype=torch.float64)
-    if t.ndim == 1:
-        t = t.unsqueeze(0).expand(shape[0], -1)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"signal `{name}` must have shape {shape} (or ({shape[1]},)), got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"signal `{name}` contains {int((~torch.isfinite(t)).sum())} non-finite value(s)")
-    return t
+    return as_signal(value, name, shape[0], shape[1], device)
 
 
 # ----------------------------------------------------------------------------------------- scorers
@@ -222,7 +214,7 @@ SCORE_BASED = tuple(SCORERS)
 # What each method scores by default in the patch and the cached ablations ("vision": the tower's
 # vision_feature_layer patch features; "projected": after the projector, the LLM's input), following each
 # method's official code where it says; the user can override per call (``feature=``).
-FEATURE_DEFAULTS = {"divprune": "projected"}
+FEATURE_DEFAULTS = {"divprune": "projected", "cdpruner": "projected"}
 
 
 def default_feature(method: str) -> str:
@@ -247,8 +239,10 @@ def select_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
     Args:
         features: (N, d) or (B, N, d) torch tensor or numpy array (floating; never modified).
         budget: K >= 1 tokens to keep per sample; K >= N keeps all tokens (``arange(N)``).
-        method: a key of :data:`SELECTORS`.
-        **signals: extra inputs some selectors need — ``attention`` (cls_attention, fastv),
+        method: a key of :data:`SELECTORS`. A merging method ("visionzip", see ``reduction.REDUCERS``) raises
+            ValueError pointing to ``reduce_tokens``: its output is not a subset of the input tokens.
+        **signals: extra inputs some selectors need — ``attention`` (cls_attention, fastv, vispruner; with
+            ``important_ratio``), ``relevance`` or ``image_embeds``/``text_embeds`` (cdpruner),
             ``seed``/``generator`` (random), ``grid`` (uniform), ``rank``/``center``/``solver`` (svd).
             Signals a selector does not take are ignored; names no selector takes raise TypeError.
 
@@ -256,6 +250,12 @@ def select_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
         LongTensor (K,) for 2-D input, (B, K) for 3-D input, ascending, on the features' device.
     """
     if method not in SELECTORS:
+        from .reduction import REDUCERS  # deferred: reduction builds on this module
+
+        if method in REDUCERS:
+            raise ValueError(f"{method!r} merges tokens (its contextual tokens are averages, not input tokens), so "
+                             f"it has no kept indices: use reduce_tokens(features, budget, {method!r}, ...), which "
+                             f"returns a Reduction (kept positions, merged features, sources)")
         raise ValueError(f"unknown method {method!r}; registered: {sorted(SELECTORS)}")
     X, _, batched = as_features(features)
     K = check_budget(budget)

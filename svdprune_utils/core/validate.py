@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_features", "check_budget", "restore_kind", "unit_scale"]
+__all__ = ["as_features", "as_signal", "check_budget", "restore_kind", "unit_scale"]
 
 
 def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool, bool]:
@@ -58,6 +58,28 @@ def check_budget(budget: Any) -> int:
     if budget <= 0:
         raise ValueError(f"budget must be a positive integer, got {budget}")
     return int(budget)
+
+
+def as_signal(value: Any, name: str, B: int, N: int, device, *, vector: bool = False) -> torch.Tensor:
+    """A per-token input signal as a new fp64 tensor on ``device``: shape (B, N) (``vector=False``; an (N,)
+    input is shared by the B samples) or (B, N, e) (``vector=True``; an (N, e) input is shared).
+
+    ValueError, naming ``name``, when the signal is missing (None), misshaped or holds NaN/Inf."""
+    what = "per-token vectors of shape (B, N, e)" if vector else "per-token scores of shape (B, N)"
+    if value is None:
+        raise ValueError(f"this method needs the signal `{name}` ({what})")
+    t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+    t = t.detach().to(device=device, dtype=torch.float64)
+    single = 2 if vector else 1
+    if t.ndim == single:
+        t = t.unsqueeze(0).expand(B, *t.shape)
+    ok = t.ndim == single + 1 and tuple(t.shape[:2]) == (B, N) and (not vector or t.shape[2] > 0)
+    if not ok:
+        want = f"({B}, {N}, e) (or ({N}, e))" if vector else f"{(B, N)} (or ({N},))"
+        raise ValueError(f"signal `{name}` must have shape {want}, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"signal `{name}` contains {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+    return t
 
 
 def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:

@@ -12,8 +12,9 @@ output and speed.
 * :func:`attention_probs` — softmax probabilities of chosen queries from (query, key, mask, scaling).
 * :func:`capture_attention` — one forward of a (patched or unpatched) LLaVA, returning the language model's
   attention to the image tokens per layer and the tower's CLS→patch attention (:class:`AttentionMaps`).
-* :func:`vision_cls_attention` — a context manager that records CLS→token attention of the tower's feature
-  layer during the forward it wraps (used by the ``cls_attention`` selector and the cached ablations).
+* :func:`vision_cls_attention` — a context manager that records CLS→token attention (and, on request, the
+  head-averaged keys) of the tower's feature layer during the forward it wraps (used by the patch for
+  ``cls_attention``, ``vispruner`` and ``visionzip``, and by the cached ablations).
 """
 
 from __future__ import annotations
@@ -115,10 +116,13 @@ def _vision_layers(model):
 
 
 @contextlib.contextmanager
-def vision_cls_attention(model, layer=None):
+def vision_cls_attention(model, layer=None, keys: bool = False):
     """Record, during the forward in the block, the CLS→token attention (n_images, heads, T) of the tower
     layer whose output is ``hidden_states[layer]`` (default ``vision_feature_layer``) in ``box["cls"]``
-    (``with vision_cls_attention(model) as box: ...``)."""
+    (``with vision_cls_attention(model) as box: ...``). With ``keys``, also that layer's attention keys
+    averaged over heads, (n_images, T, head_dim), in ``box["keys"]``: the ``k_proj`` output (bias included,
+    unscaled) of the layer's normalised input, as its attention function receives it (VisionZip's merge metric,
+    ``raw_key_states.mean(1)`` in its ``CLIPAttention_forward``)."""
     layer = model.config.vision_feature_layer if layer is None else layer
     if not isinstance(layer, int):
         raise NotImplementedError("CLS attention needs a single int vision_feature_layer")
@@ -131,6 +135,8 @@ def vision_cls_attention(model, layer=None):
     def probe(module, query, key, mask, scaling):
         with torch.no_grad():  # a selection signal: nothing is saved for backward
             box["cls"] = attention_probs(module, query, key, mask, scaling, queries=torch.tensor([0]))[:, :, 0]
+            if keys:
+                box["keys"] = key.detach().mean(1)  # (B, H, T, hd) -> (B, T, hd)
 
     with probing(model.config.vision_config, {layers[idx].self_attn: probe}):
         yield box

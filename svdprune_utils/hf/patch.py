@@ -1,6 +1,6 @@
 """Plug-and-play visual-token pruning for Hugging Face ``LlavaForConditionalGeneration``.
 
-    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS; "fastv" prunes inside the LLM
+    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS or REDUCERS; "fastv" prunes inside the LLM
     out = model.generate(**processor(images=..., text=..., return_tensors="pt", padding=True))
     model.svdprune.budget = 32                    # knobs are plain attributes, read at every call
     model.svdprune.kept_indices                   # (n_images, K) kept patch indices of the last call
@@ -18,10 +18,26 @@ Pre-LLM methods (every method but "fastv"), for a call that carries images (``pi
 
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
    (``feature="vision"``: the ``vision_feature_layer`` patch features as the strategy selects them;
-   ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``) and ``select_tokens`` picks K = min(budget, N) -> kept (n_images, K);
-2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N placeholders to K in
-   ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels`` (positions compact, rows
-   re-padded on their side) and the kept projected features go to the model as ``mm_encoder_outputs``.
+   ``"projected"``: after the projector; by default each method's own, ``selectors.FEATURE_DEFAULTS``), the
+   method's other signals are computed from the same call (:mod:`.signals`: the tower's CLS attention and keys,
+   cdpruner's instruction relevance) and ``reduce_tokens`` gives K = min(budget, N) output tokens per image:
+   kept positions (n_images, K), ascending, and, for a merging method (VisionZip), their merged features;
+2. apply (both steps in :mod:`.prune`): :func:`svdprune_utils.hf.inputs.keep_image_tokens` cuts each run of N
+   placeholders to K in ``input_ids``/``inputs_embeds``/``attention_mask``/``position_ids``/``labels``
+   (rows re-padded on their side) and the K tokens' projected features (the kept ones', or the projector
+   applied to the merged ones) go to the model as ``mm_encoder_outputs``.
+
+Positions (``positions``; None: the method's own, ``prune.default_positions``): "compact" (pre-LLM default, as
+the official pre-LLM LLaVA implementations: the kept tokens and the text after them get consecutive positions,
+which transformers derives from the shortened mask) or "original" (every kept token keeps the position it had in
+the full prompt, as FastV's and SparseVLM v2.0's official code do). With "original" the patch passes
+``position_ids`` (the full prompt's ``attention_mask.cumsum(-1) - 1`` at the kept columns) to the model;
+``generate`` numbers each new token from the last prompt column (its own rule: ``position_ids[:, -1] + 1``),
+so the first new token of a row sits at that row's full prompt length, as if nothing had been dropped; a
+continued cache is cut from the caller's whole sequence and mask, so it keeps that numbering; a forward call
+continuing a cache without ``position_ids`` gets them from the cache's record (``CutRecord.next_position``).
+FastV cuts inside the LLM after transformers has numbered the full sequence: it implements "original" only, and
+``positions="compact"`` with method "fastv" raises ValueError.
 
 ``generate`` keeps its whole contract: it returns the caller's prompt (N placeholders per image) followed
 by the new tokens; ``max_length``/``min_length`` count the caller's prompt; a streamer first receives the
@@ -39,10 +55,12 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
+from ..core.reduction import REDUCERS
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
-from .prune import CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
+from .inputs import POSITIONS
+from .prune import CACHE_CUT, CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
@@ -54,18 +72,21 @@ _FEATURES = ("vision", "projected")
 class PruneState:
     """Everything a patch holds (``model.svdprune``). Public fields may be changed between calls.
 
-    method: a key of ``SELECTORS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others before the
-    LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
-    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``select_tokens`` (``rank``,
+    method: a key of ``SELECTORS`` or ``REDUCERS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others
+    before the LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
+    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``reduce_tokens`` (``rank``,
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
-    last call that saw images, images in batch order.
+    last call that saw images, images in batch order (for VisionZip: each output token's position, a
+    contextual token at its target patch). positions: "compact", "original" or None (the method's own:
+    ``prune.default_positions``); "fastv" implements "original" only.
     """
 
     method: str
     budget: int
     feature: str | None = None
     fastv_layer: int = 2
+    positions: str | None = None
     selector_kwargs: dict = field(default_factory=dict)
     kept: torch.Tensor | None = None
     kept_indices: torch.Tensor | None = None
@@ -84,15 +105,26 @@ def _lm_layers(model):
 
 def _check(model, state: PruneState) -> None:
     """Validate the knobs (at patch time and at every call, since they are plain attributes)."""
-    if state.method not in SELECTORS:
-        raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}")
+    if state.method not in SELECTORS and state.method not in REDUCERS:
+        raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
+                         f"merging: {sorted(REDUCERS)}")
     state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
         raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
+    if state.positions is not None and state.positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS} or None (the method's own), got {state.positions!r}")
+    if state.method == "fastv" and state.positions == "compact":
+        raise ValueError("fastv implements positions='original' only (it cuts inside the LLM, after the full "
+                         "sequence is numbered; its official code keeps the kept tokens' position ids): use "
+                         "positions='original' or None")
     n_layers = len(_lm_layers(model))
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
     if state.kept is not None:
+        if state.method in REDUCERS:
+            raise ValueError(f"kept replays a selection, and {state.method} merges tokens (kept cannot describe "
+                             "its merged features): patch with a selector (e.g. method='random', kept=...) to "
+                             "keep those positions unmerged")
         k = state.kept
         if not isinstance(k, torch.Tensor) or k.ndim != 2 or k.is_floating_point() or k.dtype == torch.bool:
             raise ValueError("kept must be an integer LongTensor (n_images, K), e.g. model.svdprune.kept_indices")
@@ -115,7 +147,10 @@ def prune_inputs(model, **inputs) -> Pruned:
     """The inputs the language model sees under the patch (``model.svdprune``'s method and budget), for a
     hand-written loop: ``p = prune_inputs(model, **inputs)``, then ``model(**p.inputs, use_cache=True)``
     and decode steps that grow ``p.inputs["attention_mask"]`` by one column each. Works for pre-LLM
-    methods (FastV prunes inside the LLM: give its forward the caller's inputs). ``p.kept``: the selection."""
+    methods (FastV prunes inside the LLM: give its forward the caller's inputs). ``p.kept``: the selection.
+    With ``positions="original"``, ``p.inputs["position_ids"]`` holds the kept tokens' original positions: a
+    hand-written loop passes ``position_ids=p.inputs["position_ids"][:, -1:] + 1 + step`` at decode step
+    ``step`` (0, 1, ...), as ``generate`` does (the model would otherwise count the cache's pruned length)."""
     state = model.__dict__.get("svdprune")
     if state is None:
         raise ValueError("prune_inputs needs a model patched with patch_llava (it reads model.svdprune)")
@@ -211,6 +246,20 @@ def _generate(self, *args, **kwargs):
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
 
 
+def _continued_positions(cache, past: int, kw: dict) -> dict:
+    """A forward call continuing a cache that an "original"-positions prompt filled, without ``position_ids``
+    (a hand-written decode loop): number its tokens on from the prompt's original numbering, as ``generate``
+    would (``next_position + tokens cached after the prompt + arange``), not from the cache's pruned length."""
+    rec = getattr(cache, CACHE_CUT, None)
+    seq = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    if rec is None or rec.positions != "original" or seq is None:
+        return kw
+    nxt = rec.next_position.to(seq.device)
+    nxt = nxt.repeat_interleave(max(seq.shape[0] // nxt.shape[0], 1))  # beams / num_return_sequences
+    pos = nxt[:, None] + (past - rec.length) + torch.arange(seq.shape[1], device=seq.device)
+    return {**kw, "position_ids": pos}
+
+
 def _forward(self, *args, **kwargs):
     state = self.svdprune
     orig = self.forward.orig
@@ -223,6 +272,8 @@ def _forward(self, *args, **kwargs):
     cache = cache_of(kw)
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = prune_call(self, state, kw, past)
+    if pruned is None and past and kw.get("position_ids") is None:
+        kw = _continued_positions(cache, past, kw)
     out = orig(**(kw if pruned is None else pruned.inputs))
     if pruned is not None:  # a pruned prompt: mark the cache it fills
         pruned.mark(cache, getattr(out, "cache", None))
@@ -231,28 +282,42 @@ def _forward(self, *args, **kwargs):
 
 # ---------------------------------------------------------------------------------- public API
 def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | None = None, *, fastv_layer: int = 2,
-                kept: torch.Tensor | None = None, **selector_kwargs: Any):
+                kept: torch.Tensor | None = None, positions: str | None = None, **selector_kwargs: Any):
     """Prune the visual tokens of a ``LlavaForConditionalGeneration`` in place; returns ``model``.
 
-    method: a key of ``SELECTORS``; "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2),
-    every other method before the LLM. budget: tokens kept per image (>= N: identical to unpatched).
+    method: a key of ``SELECTORS``, or of ``REDUCERS`` ("visionzip": D dominant + C merged contextual tokens,
+    ``reduce_visionzip``); "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2), every other method
+    before the LLM, with the signals the patch computes from the call (:mod:`.signals`). budget: tokens kept
+    per image (>= N: identical to unpatched).
     feature: "vision" (vision_feature_layer patch features) or "projected", what pre-LLM methods score;
     None (default): the method's own default (``selectors.FEATURE_DEFAULTS``: "projected" for divprune, as
     its authors' code scores the LLM's input; "vision" for the others).
     kept: a stored selection (n_images, K) (e.g. an earlier ``model.svdprune.kept_indices``) used instead of
     selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer).
-    selector_kwargs: extra signals for ``select_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``).
+    positions: the kept tokens' position ids: "compact" (consecutive after the cut, as the official pre-LLM LLaVA
+    implementations), "original" (their positions in the full prompt, as FastV's and SparseVLM v2.0's official
+    code; generation goes on numbering from the full prompt length), or None (default): the method's own
+    ("compact" for pre-LLM methods, "original" for fastv, which implements "original" only).
+    selector_kwargs: extra signals for ``reduce_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``;
+    ``important_ratio=`` for vispruner; ``dominant=`` for visionzip; for cdpruner the official relevance instead
+    of the patch's LLM-embedding variant (:func:`.signals.instruction_relevance`): ``relevance=`` (n_images, N)
+    raw mean cosine of each image token to the instruction, or ``image_embeds=`` (n_images, N, e) with
+    ``text_embeds=`` (M, e) or (n_images, M, e) — tensors of ONE call's images, so set
+    ``model.svdprune.selector_kwargs`` anew before each call). ``attention`` and ``keys`` are computed by the
+    patch and refused here.
     Patching a patched model replaces the first patch. Raises TypeError for a non-LLaVA model and
-    ValueError for a bad method, budget, feature, fastv_layer or kept.
+    ValueError for a bad method, budget, feature, fastv_layer, kept or positions.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration, got {type(model).__name__}")
-    state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer,
+    state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer, positions=positions,
                        selector_kwargs=dict(selector_kwargs),
                        kept=None if kept is None else torch.as_tensor(kept).clone())
     _check(model, state)
-    if "attention" in selector_kwargs:
-        raise ValueError("`attention` is computed by the patch (cls_attention, fastv); do not pass it")
+    for name in ("attention", "keys"):
+        if name in selector_kwargs:
+            raise ValueError(f"`{name}` is computed by the patch (cls_attention, vispruner, visionzip, fastv); "
+                             "do not pass it")
     tokens_per_image(model)  # refuses towers it cannot count
     unpatch_llava(model)
     try:

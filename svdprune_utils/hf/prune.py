@@ -1,26 +1,55 @@
-"""One call's pre-LLM pruning, compute then apply: the tower runs once, the selector picks each image's kept
-tokens (or a stored selection is replayed), and :func:`~svdprune_utils.hf.inputs.keep_image_tokens` turns them into
-the inputs the language model sees (the kept projected features as ``mm_encoder_outputs``). Also the facts about a
-LLaVA that the patch and FastV share: tokens per image (from the tower and the feature strategy), where the image
-placeholders are, and the markers a pruned prompt leaves on the KV cache it fills."""
+"""One call's pre-LLM pruning, compute then apply: the tower runs once, the method picks (or merges) each
+image's tokens with the signals :mod:`.signals` computes (or a stored selection is replayed), and
+:func:`~svdprune_utils.hf.inputs.keep_image_tokens` turns them into the inputs the language model sees (the
+kept tokens' features as ``mm_encoder_outputs``). Also the facts about a LLaVA that the patch and FastV share:
+tokens per image (from the tower and the feature strategy), where the image placeholders are, and the markers a
+pruned prompt leaves on the KV cache it fills."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ..core.selection import default_feature, select_tokens
+from ..core.reduction import reduce_tokens
+from ..core.selection import default_feature
 from .inputs import image_runs, keep_image_tokens, kept_features
+from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
 
-__all__ = ["Pruned", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image", "image_token_mask",
-           "has_cls", "cache_of",
-           "prune_call", "pad_id"]
+__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image",
+           "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of", "prune_call", "pad_id"]
 
 # Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
-CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: (K per image, the caller's prompt length)
+CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: a CutRecord
 CACHE_FASTV = "_svdprune_fastv"  # FastV: (kept prompt rows (B, P'), P)
+
+
+def default_positions(method: str) -> str:
+    """The position ids a method gives its kept tokens when the patch's ``positions`` is None: "original" for
+    fastv (its official code: ``position_ids = keep_indexs``; the only value it implements), "compact" for every
+    pre-LLM method (the official pre-LLM LLaVA implementations shorten the sequence before the LLM)."""
+    return "original" if method == "fastv" else "compact"
+
+
+def positions_of(state) -> str:
+    """The patch's ``positions`` knob, resolved (None: the method's own, :func:`default_positions`)."""
+    return state.positions if state.positions is not None else default_positions(state.method)
+
+
+class CutRecord(NamedTuple):
+    """What a cache filled by a pre-LLM pruned prompt remembers (``CACHE_CUT``), so that a call continuing it
+    cuts and numbers alike. k: tokens per image kept; prompt_len: the caller's prompt length (S, N placeholders
+    per image); positions: "compact" or "original"; length: the pruned prompt's length (L, the cache's length
+    after it); next_position: for "original", (B,) the position of the first token after the prompt in each row
+    (the last prompt column's position + 1, generate's own rule), None for "compact"."""
+
+    k: int
+    prompt_len: int
+    positions: str = "compact"
+    length: int = 0
+    next_position: torch.Tensor | None = None
 
 
 @dataclass
@@ -33,7 +62,7 @@ class Pruned:
     inputs: dict
     kept: torch.Tensor | None
     index: torch.Tensor | None
-    record: tuple | None = None
+    record: CutRecord | None = None
 
     def mark(self, *caches) -> None:
         """Set ``record`` on every cache given (the caller's, the one the model returned) that exists."""
@@ -84,58 +113,78 @@ def cache_of(kw):
 
 # ----------------------------------------------------------------------------- compute: selection
 def _vision_signals(model, state, kw, box):
-    """Run the tower once: (full image outputs, features to score, extra signals)."""
+    """Run the tower once: (full image outputs, projected features (list), features to score, their space).
+    For the methods of ``signals.CLS_HEADS`` the tower's CLS attention (and keys) are recorded in ``box``."""
     from .attention import vision_cls_attention
 
     layer = feature_layer(model, kw.get("vision_feature_layer"))
     strat = strategy(model, kw.get("vision_feature_select_strategy"))
     mm = kw.get("mm_encoder_outputs") or {}
+    wants_cls = state.method in CLS_HEADS and state.kept is None
     if mm.get("image") is not None:
+        if wants_cls:
+            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
+                             "mm_encoder_outputs do not carry: pass pixel_values")
         out = mm["image"]
     else:
-        want_cls = state.method == "cls_attention" and state.kept is None
-        if want_cls and not has_cls(model):
+        if wants_cls and not has_cls(model):
             tower = type(model.model.vision_tower).__name__
-            raise ValueError(f"cls_attention needs a vision tower with a CLS token; {tower} has none")
-        with vision_cls_attention(model, layer) if want_cls else contextlib.nullcontext({}) as cls:
+            raise ValueError(f"{state.method} needs a vision tower with a CLS token (its CLS→patch attention); "
+                             f"{tower} has none")
+        keys = state.method in NEEDS_KEYS
+        with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
             out = model.model.get_image_features(
                 pixel_values=kw["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strat, image_sizes=kw.get("image_sizes"), return_dict=True)
         box.update(cls)
     proj = list(out.pooler_output)
     if state.kept is not None:
-        return out, proj, None
+        return out, proj, None, None
     if (state.feature or default_feature(state.method)) == "projected":
-        return out, proj, torch.stack(proj)
+        return out, proj, torch.stack(proj), "projected"
     hs = getattr(out, "hidden_states", None)
     if hs is None:
         raise ValueError("mm_encoder_outputs without hidden_states: the vision features to score are missing; "
                          "pass pixel_values, or feature='projected'")
     sel = [hs[i] for i in ([layer] if isinstance(layer, int) else layer)]
-    return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1)
+    return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1), "vision"
 
 
-def _select(model, state, kw, n_images: int) -> tuple[torch.Tensor, list]:
-    """kept (n_images, K) and the kept projected features (list of (K, d)) for this call's images."""
+def _select(model, state, kw, img: torch.Tensor, N: int) -> tuple[torch.Tensor, list]:
+    """kept (n_images, K), ascending, and the K features per image the LLM receives (list of (K, d)), for
+    this call's images (``img``: the caller's placeholder mask, runs of N).
+
+    A selection keeps the kept tokens' projected features. A merging method (VisionZip) returns its merged
+    features in the space it scored (``feature``: "vision" -> the projector is applied to the K merged tokens,
+    as VisionZip applies ``mm_projector`` to its compressed sequence; "projected" -> used as they are); each
+    output token sits at the placeholder of its position (``Reduction.kept``: a contextual token at its
+    target's), the tokens sorted by position with their features (``Reduction.in_raster_order``). The merge
+    runs on detached features (as every core method), so merged tokens pass gradients to the projector only,
+    not to the tower (LLaVA-1.5 trains with the tower frozen)."""
     box = {}
-    out, proj, feats = _vision_signals(model, state, kw, box)
+    out, proj, feats, space = _vision_signals(model, state, kw, box)
+    runs = image_runs(img, N)
+    n_images = sum(len(r) for r in runs)
     if len(proj) != n_images:
         raise ValueError(f"the prompts hold {n_images} images, the image inputs {len(proj)}")
     if state.kept is not None:
         if state.kept.shape[0] != n_images:
             raise ValueError(f"the stored selection (kept) holds {state.kept.shape[0]} images, this call {n_images}")
         idx = state.kept.long()
-    else:
-        n = feats.shape[1]
-        signals = dict(state.selector_kwargs)
-        side = int(round(n**0.5))
-        if side * side == n:
-            signals.setdefault("grid", (side, side))
-        if "cls" in box:
-            strat = strategy(model, kw.get("vision_feature_select_strategy"))
-            signals["attention"] = box["cls"].mean(1)[:, 1:] if strat == "default" else box["cls"].mean(1)
-        idx = select_tokens(feats, state.budget, method=state.method, **signals)  # (n_images, K)
-    return idx, kept_features(proj, idx)
+        return idx, kept_features(proj, idx)
+    n = feats.shape[1]
+    signals = dict(state.selector_kwargs)
+    side = int(round(n**0.5))
+    if side * side == n:
+        signals.setdefault("grid", (side, side))
+    rows = torch.cat([torch.full((len(r),), b, dtype=torch.long) for b, r in enumerate(runs)])
+    default = strategy(model, kw.get("vision_feature_select_strategy")) == "default"
+    signals.update(method_signals(model, state.method, state.selector_kwargs, kw, box, default, img, rows, proj))
+    red = reduce_tokens(feats, state.budget, state.method, **signals).in_raster_order()  # (n_images, K)
+    if red.features is None:  # a selection
+        return red.kept, kept_features(proj, red.kept)
+    merged = red.features if space == "projected" else model.model.multi_modal_projector(red.features)
+    return red.kept, list(merged)
 
 
 def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
@@ -152,7 +201,8 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     img = image_token_mask(model, ids, embeds)
     cache = cache_of(kw)
     record = getattr(cache, CACHE_CUT, None) if past else None
-    cache_k, prompt_len = record if record is not None else (None, 0)
+    cache_k, prompt_len = (record.k, record.prompt_len) if record is not None else (None, 0)
+    positions = positions_of(state)
     if past and getattr(cache, CACHE_FASTV, None) is not None:
         raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
     if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
@@ -174,24 +224,30 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
         if cache_k != min(state.budget, N):
             raise ValueError(f"this cache was built with {cache_k} tokens per image; the patch's budget is now "
                              f"{state.budget}: continue with the budget it was built with")
+        if record.positions != positions:
+            raise ValueError(f"this cache was built with positions={record.positions!r}; the patch's positions are "
+                             f"now {positions!r}: continue with the positions it was built with")
         n_images = sum(len(r) for r in image_runs(img, N))
-        kept = torch.arange(cache_k).expand(n_images, -1)
-        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, pad_token_id=pad_id(model))
+        kept = torch.arange(cache_k).expand(n_images, -1)  # which ones is moot: only the uncached tail is used
+        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, positions=positions,
+                                pad_token_id=pad_id(model))
         return Pruned(inputs=cut, kept=None, index=cut.pop("index"))
     if not has_images:
         return None
     if past:
         raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
                                   "generate again from the whole conversation")
-    n_images = sum(len(r) for r in image_runs(img, N))
-    kept, feats = _select(model, state, kw, n_images)
+    kept, feats = _select(model, state, kw, img, N)
     state.kept_indices = kept
     cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
-                            tokens_per_image=N, pad_token_id=pad_id(model))
+                            tokens_per_image=N, positions=positions, pad_token_id=pad_id(model))
     cut["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=feats)}
     state._last_index = cut["index"]
     seq = ids if ids is not None else embeds
-    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=(min(state.budget, N), seq.shape[1]))
+    L = cut["index"].shape[1]
+    nxt = cut["position_ids"][:, -1] + 1 if positions == "original" else None
+    record = CutRecord(min(state.budget, N), seq.shape[1], positions, L, nxt)
+    return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=record)
 
 
 def pad_id(model) -> int:
