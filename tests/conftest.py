@@ -82,3 +82,13 @@ def tiny_llava():
 def llava_inputs():
     """Factory: ``llava_inputs([(before, n_images, after), ...], seed=0)`` -> processor-like dict."""
     return build_llava_inputs
+
+
+def second_turn(x: dict, sequences: torch.Tensor, seed: int = 1, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of a conversation's second turn: the first turn's returned ``sequences`` plus ``n`` random text
+    tokens per row, the mask extending the prompt's ``x["attention_mask"]`` with ones."""
+    turn = torch.randint(3, IMAGE_TOKEN_ID, (len(sequences), n), generator=torch.Generator().manual_seed(seed))
+    conv = torch.cat([sequences, turn], 1)
+    mask = torch.ones_like(conv)
+    mask[:, : x["attention_mask"].shape[1]] = x["attention_mask"]
+    return conv, mask

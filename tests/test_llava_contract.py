@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_siglip_llava, build_tiny_llava
+from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_siglip_llava, build_tiny_llava, second_turn
 from transformers import GenerationConfig
 
 from svdprune_utils.hf.attention import capture_attention
@@ -396,10 +396,7 @@ def test_multi_turn_continuation_equals_a_fresh_run_of_the_conversation(tiny_lla
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
     patch_llava(tiny_llava, method="svd", budget=16)
     first = _gen(tiny_llava, x, n=3, return_dict_in_generate=True)
-    turn = torch.randint(3, IMAGE_TOKEN_ID, (2, 5), generator=torch.Generator().manual_seed(1))
-    conv = torch.cat([first.sequences, turn], 1)
-    mask = torch.ones_like(conv)
-    mask[:, : x["attention_mask"].shape[1]] = x["attention_mask"]
+    conv, mask = second_turn(x, first.sequences)
     with torch.no_grad():
         cont = tiny_llava.generate(conv, attention_mask=mask, cache=first.past_key_values, max_new_tokens=4,
                                    do_sample=False)
@@ -431,7 +428,8 @@ def test_a_generated_placeholder_id_is_a_plain_token(tiny_llava, method):
     S = x["input_ids"].shape[1]
     patch_llava(tiny_llava, method=method, budget=16)
     one = _gen(tiny_llava, x, n=4, logits_processor=LogitsProcessorList([_ForceFirst()]))
-    first = _gen(tiny_llava, x, n=2, logits_processor=LogitsProcessorList([_ForceFirst()]), return_dict_in_generate=True)
+    first = _gen(tiny_llava, x, n=2, logits_processor=LogitsProcessorList([_ForceFirst()]),
+                 return_dict_in_generate=True)
     mask = torch.cat([x["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
     with torch.no_grad():
         cont = tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,

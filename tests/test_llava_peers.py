@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, build_llava_inputs, build_siglip_llava, build_tiny_llava
+from conftest import second_turn
 
 from svdprune_utils.core.reduction import reduce_visionzip
 from svdprune_utils.core.selection import select_tokens
@@ -182,10 +183,7 @@ def test_cdpruner_continuation_keeps_the_prompts_selection(tiny_llava):
     with torch.no_grad():
         first = tiny_llava.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     stored = tiny_llava.svdprune.kept_indices.clone()
-    turn = torch.randint(3, IMAGE_TOKEN_ID, (2, 5), generator=torch.Generator().manual_seed(1))
-    conv = torch.cat([first.sequences, turn], 1)
-    mask = torch.ones_like(conv)
-    mask[:, : x["attention_mask"].shape[1]] = x["attention_mask"]
+    conv, mask = second_turn(x, first.sequences)
     with torch.no_grad():
         cont = tiny_llava.generate(conv, attention_mask=mask, cache=first.past_key_values, max_new_tokens=4,
                                    do_sample=False)
