@@ -11,7 +11,7 @@ The one-screen API::
 The layers (data flows one way, top to bottom; a layer never imports one below it in this list):
 
     core/       validation, leverage scores, the selector registry, reductions, metrics (torch/numpy/scipy only)
-    hf/         the LLaVA patch, FastV, attention probes, the apply step (kept -> inputs)   (transformers)
+    hf/         the LLaVA patch, FastV and SparseVLM, attention probes, the apply step (kept -> inputs)   (transformers)
     testbed/    ShapesVQA and the embedded tiny LLaVA
     analysis/   accuracy-vs-budget harness, cached ablations, positional bias, efficiency
     notebook/   toy matrices and plots for the notebooks
@@ -65,7 +65,7 @@ __all__ += ["toy", "plotting"]
 # Loaded on first use (importing transformers takes seconds): sp.patch_llava(...), sp.tiny, sp.bias, ...
 _LAZY = {"patch_llava": "hf.patch", "unpatch_llava": "hf.patch", "prune_inputs": "hf.patch", "Pruned": "hf.patch",
          "PruneState": "hf.patch", "capture_attention": "hf.attention", "AttentionMaps": "hf.attention",
-         "keep_image_tokens": "hf.inputs"}
+         "keep_image_tokens": "hf.inputs", "sparsevlm_schedule": "hf.sparsevlm", "budget_table": "analysis.efficiency"}
 _LAZY_MODULES = {"tiny": "testbed.tiny", "shapes": "testbed.shapes", "bias": "analysis.bias",
                  "evaluate": "analysis.evaluate", "ablation": "analysis.ablation", "efficiency": "analysis.efficiency"}
 __all__ += list(_LAZY)

@@ -128,8 +128,9 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
     """Check every argument of ``eval`` before any work."""
     from .core.reduction import REDUCERS
     from .core.selection import SELECTORS
+    from .hf.prune import IN_LLM
 
-    known = sorted({*SELECTORS, *REDUCERS})  # every method patch_llava takes
+    known = sorted({*SELECTORS, *REDUCERS, *IN_LLM})  # every method patch_llava takes
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in known]
     if not methods or bad:
@@ -144,9 +145,10 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.positions == "compact" and "fastv" in methods:
-        raise UserError("--positions compact: fastv implements original positions only; evaluate fastv without "
-                        "--positions (or with --positions original)")
+    in_llm = [m for m in methods if m in IN_LLM]
+    if args.positions == "compact" and in_llm:
+        raise UserError(f"--positions compact: {', '.join(in_llm)} implement(s) original positions only; evaluate "
+                        "them without --positions (or with --positions original)")
     if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
         raise UserError("--prompt must contain <image> and {question}")
     if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
@@ -179,6 +181,16 @@ def _eval(args: argparse.Namespace) -> int:
         if "positions" not in done:  # written before the knob: every method ran with its own positions
             done["positions"] = [default_positions(m) for m in done["method"]]
     model, processor = _load(args.model, args.device, args.dtype)
+    if "sparsevlm" in methods:  # its budget is an average over the decoder layers: some cannot be reached
+        from .hf.patch import tokens_per_image
+        from .hf.sparsevlm import schedule
+
+        n = tokens_per_image(model)
+        for b in budgets:
+            try:
+                schedule(b, model.config.text_config.num_hidden_layers, n) if b < n else None
+            except ValueError as e:
+                raise UserError(f"--budgets {b}: {e}") from None
     data = _dataset(args)
     prompt = args.prompt or default_prompt(processor)
     if len(done) and set(done["n"]) != {len(data)}:
@@ -316,10 +328,11 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default="test", help="ShapesVQA split, or the HF split (e.g. validation)")
     ev.add_argument("--n", type=int, default=600, help="ShapesVQA questions to generate (default 600)")
     ev.add_argument("--methods", default="svd,fastv,cls_attention,random",
-                    help="comma-separated methods: selectors (svd, fastv, cls_attention, vispruner, cdpruner, ...) "
-                         "or the merging visionzip (default: svd,fastv,cls_attention,random)")
+                    help="comma-separated methods: selectors (svd, fastv, cls_attention, vispruner, cdpruner, ...), "
+                         "the merging visionzip, or sparsevlm (in the LLM) (default: svd,fastv,cls_attention,random)")
     ev.add_argument("--budgets", default="576,192,128,64,32,16",
-                    help="comma-separated image tokens kept per image (default: 576,192,128,64,32,16)")
+                    help="comma-separated image tokens kept per image (sparsevlm: its official budget, the average "
+                         "image tokens per decoder layer) (default: 576,192,128,64,32,16)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -332,7 +345,7 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--positions", default=None, choices=["compact", "original"],
                     help="position ids of the kept tokens: compact (consecutive after the cut) or original (their "
                          "positions in the full prompt); default: each method's own (compact before the LLM, "
-                         "original for fastv, which implements only original)")
+                         "original for fastv and sparsevlm, which implement only original)")
     ev.add_argument("--out", help="CSV file, written after every job; an existing one is resumed")
     ev.set_defaults(func=_eval)
 

@@ -92,3 +92,13 @@ def second_turn(x: dict, sequences: torch.Tensor, seed: int = 1, n: int = 5) -> 
     mask = torch.ones_like(conv)
     mask[:, : x["attention_mask"].shape[1]] = x["attention_mask"]
     return conv, mask
+
+
+def kept_per_image(model, method: str, budget: int, n: int = 576) -> int:
+    """Image tokens per image that reach the last decoder layers: the budget, or for sparsevlm (whose budget is an
+    average over layers) the last count of its schedule (``hf.sparsevlm.schedule``)."""
+    if method != "sparsevlm" or budget >= n:
+        return min(budget, n)
+    from svdprune_utils.hf.sparsevlm import schedule
+
+    return schedule(budget, model.config.text_config.num_hidden_layers, n).counts[-1]

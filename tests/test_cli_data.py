@@ -94,7 +94,8 @@ def test_eval_on_a_local_json_with_the_embedded_model_reads_the_question(tmp_pat
     (["--prompt", "no placeholders"], "--prompt must contain"),
     (["--dtype", "fp8"], "invalid choice"),
     (["--positions", "shifted"], "invalid choice"),
-    (["--methods", "svd,fastv", "--positions", "compact"], "fastv implements original positions only"),
+    (["--methods", "svd,fastv", "--positions", "compact"], "fastv implement(s) original positions only"),
+    (["--methods", "sparsevlm", "--positions", "compact"], "sparsevlm implement(s) original positions only"),
 ])
 def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
     by_argparse = "--dtype" in argv or "shifted" in argv  # choices: argparse exits (2) itself
@@ -109,10 +110,14 @@ def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
 
 def test_eval_runs_the_peers_whose_signals_the_patch_computes(tmp_path, capsys):
     out = tmp_path / "res.csv"
-    assert cli(["eval", "--methods", "vispruner,cdpruner,visionzip", "--budgets", "16", "--limit", "2", "--n", "2",
-                "--device", "cpu", "--out", str(out)]) == 0
+    assert cli(["eval", "--methods", "vispruner,cdpruner,visionzip,sparsevlm", "--budgets", "16", "--limit", "2",
+                "--n", "2", "--device", "cpu", "--out", str(out)]) == 0
     table = pd.read_csv(out)
-    assert list(table["method"]) == ["vispruner", "cdpruner", "visionzip"] and set(table["tokens"]) == {16}
+    assert list(table["method"]) == ["vispruner", "cdpruner", "visionzip", "sparsevlm"]
+    from svdprune_utils.hf.sparsevlm import schedule
+
+    last = schedule(16, 3, 576).counts[-1]  # the embedded model's 3 layers: SparseVLM's 16 is an average
+    assert list(table["tokens"]) == [16, 16, 16, last] and last < 16
     assert cli(["eval", "--methods", "nope"]) == 2
     assert "visionzip" in capsys.readouterr().err  # the merging method is listed among the choices
 

@@ -91,7 +91,8 @@ def test_measure_generate_on_a_tiny_llava():
         measure_generate(model, inputs, max_new_tokens=1)
 
 
-@pytest.mark.parametrize("method, budget", [("svd", 576), ("svd", 64), ("random", 16), ("fastv", 32)])
+@pytest.mark.parametrize("method, budget", [("svd", 576), ("svd", 64), ("random", 16), ("fastv", 32),
+                                            ("sparsevlm", 64), ("sparsevlm", 16)])
 def test_measured_cache_matches_the_kv_formula(method, budget):
     from svdprune_utils.analysis.efficiency import cache_bytes
     from svdprune_utils.hf.patch import patch_llava, unpatch_llava
@@ -109,6 +110,13 @@ def test_measured_cache_matches_the_kv_formula(method, budget):
         unpatch_llava(model)
     if method == "fastv" and budget < n_img:  # layer 0 holds every token, the later layers the kept ones
         expected = kv_cache_bytes(model.config, n_text + n_img, torch.float32, n_after=n_text + budget, prune_layer=1)
+    elif method == "sparsevlm":  # each layer holds what it processed: a pruning layer its input
+        from svdprune_utils.hf.sparsevlm import schedule
+
+        L = model.config.text_config.num_hidden_layers
+        per = [n_text + c for c in schedule(budget, L, n_img).per_layer(n_img, L)]
+        assert per[0] == n_text + n_img and per[-1] == n_text + schedule(budget, L, n_img).counts[-1]
+        expected = kv_cache_bytes(model.config, 0, torch.float32, per_layer=per)
     else:
         expected = kv_cache_bytes(model.config, n_text + min(budget, n_img), torch.float32)
     assert measured == expected
@@ -143,3 +151,27 @@ def test_time_call_runs_warmup_then_timed_calls():
     calls = []
     times = time_call(lambda: calls.append(1), "cpu", repeats=3, warmup=2)
     assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_budget_semantics_per_method_hand_computed():
+    """LLaVA-1.5-7B, 64 text + 576 image tokens: what "64" means for a pre-LLM method, FastV (K = 2) and SparseVLM
+    (the official v2.0 schedule (66, 34, 20) after layers 2, 6, 15)."""
+    from svdprune_utils.analysis.efficiency import budget_table, llm_tokens
+
+    assert llm_tokens(CFG, "svd", 64, 64, 576) == [128] * 32
+    assert llm_tokens(CFG, "fastv", 64, 64, 576) == [640] * 2 + [128] * 30
+    assert llm_tokens(CFG, "sparsevlm", 64, 64, 576) == [640] * 3 + [130] * 4 + [98] * 9 + [84] * 16
+    assert llm_tokens(CFG, "sparsevlm", 576, 64, 576) == [640] * 32
+    df = budget_table(CFG, ["svd", "fastv", "sparsevlm"], [64, 16], 64, 576).set_index(["method", "budget"])
+    assert ("sparsevlm", 16) not in df.index  # below SparseVLM's minimum on 32 layers (37)
+    row = df.loc[("sparsevlm", 64)]
+    assert row["tokens_entering_llm"] == 576 and row["image_tokens_last_layer"] == 20
+    assert row["image_tokens_per_layer"] == (3 * 576 + 4 * 66 + 9 * 34 + 16 * 20) / 32
+    assert row["official_average"] == 64.4375
+    full = prefill_flops(CFG, 640)
+    assert row["flops_ratio"] == (3 * prefill_flops(CFG, 640) + 4 * prefill_flops(CFG, 130) + 9 * prefill_flops(
+        CFG, 98) + 16 * prefill_flops(CFG, 84)) / 32 / full
+    assert df.loc[("fastv", 16)]["flops_ratio"] == prefill_flops(CFG, 640, n_after=80, prune_layer=2) / full
+    assert df.loc[("svd", 16)]["kv_ratio"] == 80 / 640
+    with pytest.raises(ValueError, match="per_layer needs 32"):
+        prefill_flops(CFG, 0, per_layer=[10] * 31)

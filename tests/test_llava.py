@@ -11,10 +11,11 @@ from svdprune_utils.core.reduction import REDUCERS
 from svdprune_utils.core.selection import SELECTORS, select_tokens
 from svdprune_utils.hf.attention import capture_attention
 from svdprune_utils.hf.patch import patch_llava, unpatch_llava
+from svdprune_utils.hf.prune import IN_LLM
 
 N = 576  # patches per image (336 / 14)²
-METHODS = sorted({*SELECTORS, *REDUCERS})  # every method patch_llava takes
-PRE_LLM = [m for m in METHODS if m != "fastv"]
+METHODS = sorted({*SELECTORS, *REDUCERS, *IN_LLM})  # every method patch_llava takes
+PRE_LLM = [m for m in METHODS if m not in IN_LLM]
 PEERS = ["vispruner", "cdpruner", "visionzip"]  # peers whose signals the patch computes (tests/test_llava_peers.py)
 MIXED = [(3, 1, 4), (9, 1, 2), (1, 1, 7)]  # 3 prompts of different lengths, one image each
 
@@ -106,7 +107,7 @@ def test_fastv_layer_k_receives_k_tokens_per_image(tiny_llava):
     assert tiny_llava.svdprune.kept_indices.shape == (3, 16)
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv", *PEERS])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm", *PEERS])
 def test_left_padded_batch_equals_rows_one_by_one(tiny_llava, method):
     x = build_llava_inputs(MIXED)
     patch_llava(tiny_llava, method=method, budget=16)
@@ -133,7 +134,7 @@ def test_rows_with_different_image_counts_are_repadded_correctly(tiny_llava):
         torch.testing.assert_close(logits[b], l1[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv", *PEERS])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm", *PEERS])
 def test_generate_with_cache_equals_without(tiny_llava, method):
     x = build_llava_inputs(MIXED)
     patch_llava(tiny_llava, method=method, budget=16)

@@ -9,14 +9,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_TOKEN_ID, build_llava_inputs, build_siglip_llava, build_tiny_llava, second_turn
+from conftest import (
+    IMAGE_TOKEN_ID,
+    build_llava_inputs,
+    build_siglip_llava,
+    build_tiny_llava,
+    kept_per_image,
+    second_turn,
+)
 from transformers import GenerationConfig
 
 from svdprune_utils.hf.attention import capture_attention
 from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
 
 N = 576
-METHODS = ["svd", "fastv", "cls_attention", "random", "vispruner", "cdpruner", "visionzip"]
+METHODS = ["svd", "fastv", "sparsevlm", "cls_attention", "random", "vispruner", "cdpruner", "visionzip"]
 
 
 def _gen(model, x, n=4, **kw):
@@ -32,7 +39,7 @@ def _solo(x, b, first_image):
 
 
 # ---------------------------------------------------------------------------------------- 1. right padding
-@pytest.mark.parametrize("method", ["fastv", "svd"])
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm", "svd"])
 def test_right_padded_batch_equals_rows_alone(tiny_llava, method):
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], pad_left=False)
     patch_llava(tiny_llava, method=method, budget=16)
@@ -86,7 +93,7 @@ def test_continuation_with_a_changed_budget_is_refused(tiny_llava):
 
 
 # ---------------------------------------------------------------------------------------- 3/7. length limits
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
 def test_max_length_counts_the_callers_prompt(tiny_llava, method):
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
     S = x["input_ids"].shape[1]
@@ -179,7 +186,7 @@ def test_pre_llm_loss_uses_the_cut_labels(tiny_llava):
 
 
 # ---------------------------------------------------------------------------------------- 6. inputs_embeds
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
 def test_inputs_embeds_with_pixel_values_is_pruned(tiny_llava, method):
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
     emb = tiny_llava.get_input_embeddings()(x["input_ids"]).detach()
@@ -191,7 +198,7 @@ def test_inputs_embeds_with_pixel_values_is_pruned(tiny_llava, method):
         tiny_llava.svdprune.kept_indices = None
         by_embeds = tiny_llava(**xe).logits
     assert torch.equal(tiny_llava.svdprune.kept_indices, kept)
-    assert by_embeds.shape[1] == x["input_ids"].shape[1] - N + 16
+    assert by_embeds.shape[1] == x["input_ids"].shape[1] - N + kept_per_image(tiny_llava, method, 16)
     torch.testing.assert_close(by_embeds, by_ids, atol=1e-5, rtol=1e-5)
     S = x["input_ids"].shape[1]
     new_ids = _gen(tiny_llava, x, n=4)[:, S:]
@@ -200,7 +207,7 @@ def test_inputs_embeds_with_pixel_values_is_pruned(tiny_llava, method):
 
 # ---------------------------------------------------------------------------------------- 8. towers
 @pytest.mark.parametrize(("strategy", "n"), [("full", 576), ("default", 575)])
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
 def test_tower_without_cls(strategy, n, method):
     model = build_siglip_llava(strategy)
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)], n_patches=n)
@@ -210,8 +217,9 @@ def test_tower_without_cls(strategy, n, method):
     model.svdprune.budget = 16
     with torch.no_grad():
         logits = model(**x).logits
-    assert model.svdprune.kept_indices.shape == (2, 16) and int(model.svdprune.kept_indices.max()) < n
-    assert logits.shape[1] == x["input_ids"].shape[1] - n + 16
+    k = kept_per_image(model, method, 16, n)
+    assert model.svdprune.kept_indices.shape == (2, k) and int(model.svdprune.kept_indices.max()) < n
+    assert logits.shape[1] == x["input_ids"].shape[1] - n + k
     model.svdprune.method = "cls_attention"
     with pytest.raises(ValueError, match="CLS"):
         model(**x)
@@ -372,7 +380,7 @@ def test_placeholder_runs_of_the_wrong_length_are_refused(tiny_llava):
         tiny_llava(**x)
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
 def test_beam_search_and_several_return_sequences(tiny_llava, method):
     x = build_llava_inputs([(3, 1, 4), (9, 1, 2)])
     S = x["input_ids"].shape[1]
@@ -420,7 +428,7 @@ class _ForceFirst:
         return scores
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv"])
+@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
 def test_a_generated_placeholder_id_is_a_plain_token(tiny_llava, method):
     from transformers import LogitsProcessorList
 

@@ -14,7 +14,7 @@ from svdprune_utils.core.selection import SELECTORS
 from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
 
 N = 576
-PRE_LLM = sorted({*SELECTORS, *REDUCERS} - {"fastv"})
+PRE_LLM = sorted({*SELECTORS, *REDUCERS} - {"fastv"})  # sparsevlm (in the LLM too) is not in SELECTORS
 MIXED = [(3, 1, 4), (9, 1, 2), (1, 1, 7)]  # left padded, one image per row
 TWO_IMAGES = [(3, 2, 4), (9, 1, 2)]  # row 0 loses twice as many placeholders as row 1
 

@@ -9,8 +9,11 @@ hidden size d, n_kv key/value heads of size h (d_kv = n_kv·h), FFN width m and 
 
 With d_kv = d this is 2·(4nd² + 2n²d + 3ndm); ``formula="fastv"`` gives FastV's count
 4nd² + 2n²d + 2ndm (MACs of a two-matrix FFN), to compare with numbers quoted in papers.
-Pruning inside the LLM at layer K (FastV) counts layers < K at the full length and the rest at the
-pruned length. The vision tower and the LM head are excluded (they do not change with the budget).
+Pruning inside the LLM counts each layer at the length it processes: FastV's layers < K at the full length and
+the rest at the pruned one; SparseVLM's stages by its schedule (a pruning layer still processes its input, only
+its output is cut). :func:`llm_tokens` gives the lengths per layer for every method and :func:`budget_table`
+what a budget means for each (tokens entering the LLM, image tokens per layer, prefill FLOPs). The vision tower
+and the LM head are excluded (they do not change with the budget).
 
 KV cache: 2 (k and v) · n_kv · h · n · bytes(dtype) per layer, summed over layers.
 """
@@ -24,7 +27,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "text_config", "prefill_flops", "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
+    "text_config", "llm_tokens", "budget_table", "prefill_flops",
+    "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
     "synchronize", "time_call", "selection_time", "prefill_table",
 ]
 
@@ -51,6 +55,53 @@ def _layer_flops(n: int, d: int, d_kv: int, m: int, formula: str) -> int:
     raise ValueError(f"formula must be 'llama' or 'fastv', got {formula!r}")
 
 
+def llm_tokens(config: Any, method: str, budget: int, n_text: int, n_img: int, fastv_layer: int = 2) -> list:
+    """Tokens (text + image) each decoder layer processes in the prefill of one prompt with ``n_text`` text tokens
+    and one image of ``n_img`` tokens, patched with ``method`` at ``budget``: pre-LLM methods min(budget, n_img)
+    image tokens in every layer; FastV n_img in layers < ``fastv_layer``, min(budget, n_img) after; SparseVLM its
+    :func:`~svdprune_utils.hf.sparsevlm.schedule` (budget = its official average per layer)."""
+    L = _dims(config)[3]
+    if budget >= n_img:
+        return [n_text + n_img] * L
+    if method == "fastv":
+        return [n_text + (n_img if i < fastv_layer else budget) for i in range(L)]
+    if method == "sparsevlm":
+        from ..hf.sparsevlm import schedule
+
+        return [n_text + c for c in schedule(budget, L, n_img).per_layer(n_img, L)]
+    return [n_text + budget] * L
+
+
+def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_layer: int = 2):
+    """What a budget means for each method, as a DataFrame: tokens_entering_llm (image tokens per image at the
+    decoder's input), image_tokens_last_layer, image_tokens_per_layer (mean over the decoder layers of what each
+    processes), official_average (SparseVLM's own counter, which counts a pruning layer at its pruned output; NaN
+    for the others), flops_ratio (decoder prefill FLOPs to the unpruned prompt's) and kv_ratio (KV-cache size, same
+    ratio). Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
+    import pandas as pd
+
+    from ..hf.sparsevlm import schedule
+
+    L = _dims(config)[3]
+    full = prefill_flops(config, n_text + n_img)
+    rows = []
+    for method in methods:
+        for b in budgets:
+            try:
+                per = llm_tokens(config, method, int(b), n_text, n_img, fastv_layer)
+            except ValueError:
+                continue
+            official = float("nan")
+            if method == "sparsevlm":
+                official = schedule(int(b), L, n_img).average if b < n_img else float(n_img)
+            rows.append({"method": method, "budget": int(b), "tokens_entering_llm": per[0] - n_text,
+                         "image_tokens_last_layer": per[-1] - n_text,
+                         "image_tokens_per_layer": sum(per) / L - n_text, "official_average": official,
+                         "flops_ratio": prefill_flops(config, 0, per_layer=per) / full,
+                         "kv_ratio": sum(per) / (L * (n_text + n_img))})
+    return pd.DataFrame(rows)
+
+
 def prefill_flops(
     config: Any,
     n_tokens: int,
@@ -58,15 +109,22 @@ def prefill_flops(
     n_after: int | None = None,
     prune_layer: int = 0,
     formula: str = "llama",
+    per_layer: list | None = None,
 ) -> int:
     """FLOPs of the decoder layers for a prefill of ``n_tokens`` tokens (text + image).
 
     ``n_after``/``prune_layer``: the sequence shrinks to ``n_after`` tokens from layer ``prune_layer``
-    on (FastV). Pre-LLM pruning is simply a smaller ``n_tokens``.
+    on (FastV). Pre-LLM pruning is simply a smaller ``n_tokens``. ``per_layer``: the tokens each layer
+    processes (:func:`llm_tokens`), instead of the other arguments.
     """
+    d, d_kv, m, L, _ = _dims(config)
+    if per_layer is not None:
+        if len(per_layer) != L or min(per_layer) < 0:
+            raise ValueError(f"per_layer needs {L} non-negative token counts (one per decoder layer), got "
+                             f"{list(per_layer)}")
+        return sum(_layer_flops(int(n), d, d_kv, m, formula) for n in per_layer)
     if n_tokens < 0 or (n_after is not None and not 0 <= n_after <= n_tokens):
         raise ValueError(f"need 0 <= n_after <= n_tokens, got n_tokens={n_tokens}, n_after={n_after}")
-    d, d_kv, m, L, _ = _dims(config)
     if not 0 <= prune_layer <= L:
         raise ValueError(f"prune_layer must lie in [0, {L}], got {prune_layer}")
     after = n_tokens if n_after is None else n_after
@@ -81,11 +139,16 @@ def kv_cache_bytes(
     *,
     n_after: int | None = None,
     prune_layer: int = 0,
+    per_layer: list | None = None,
 ) -> int:
     """Bytes of the key/value cache holding ``n_tokens`` positions (layers >= ``prune_layer`` hold
-    ``n_after`` when given)."""
+    ``n_after`` when given; ``per_layer``: the positions each layer holds, :func:`llm_tokens`)."""
     d, d_kv, _, L, _ = _dims(config)
     per_token_layer = 2 * d_kv * torch.empty((), dtype=dtype).element_size()
+    if per_layer is not None:
+        if len(per_layer) != L:
+            raise ValueError(f"per_layer needs {L} token counts (one per decoder layer), got {len(per_layer)}")
+        return per_token_layer * sum(int(n) for n in per_layer)
     after = n_tokens if n_after is None else n_after
     return per_token_layer * (prune_layer * n_tokens + (L - prune_layer) * after)
 
@@ -210,14 +273,17 @@ def measure_generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int =
 def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repeats: int = 5, seed: int = 0) -> float:
     """Median seconds of ``select_tokens`` alone on one image's (n, d) features (one warm-up run).
 
-    Attention-based methods get a random ``attention`` signal (their cost is a top-K).
+    Attention-based methods get a random ``attention`` signal (their cost is a top-K; SparseVLM's is timed as one
+    top-K too: its scoring runs inside the LLM, in the measured prefill).
     """
     from ..core.selection import select_tokens
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, d, generator=g).to(device)
-    signals = {"attention": torch.rand(n, generator=g).to(device)} if method in ("cls_attention", "fastv") else {}
+    attention_based = method in ("cls_attention", "fastv", "sparsevlm")
+    signals = {"attention": torch.rand(n, generator=g).to(device)} if attention_based else {}
+    method = "fastv" if method == "sparsevlm" else method  # the same ranking step: top-K of a score
     return statistics.median(time_call(lambda: select_tokens(feats, budget, method, **signals), device, repeats, 1))
 
 
@@ -271,11 +337,10 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     base = statistics.median(times[base_job])
     rows = []
     for method, k in jobs:
-        fastv = dict(n_after=n_text + k, prune_layer=fastv_layer) if method == "fastv" else {}
-        n0 = n_text + (n_img if fastv else k)
+        per = llm_tokens(cfg, method, k, n_text, n_img, fastv_layer)
         rows.append({"method": method, "budget": k, "prefill_ms": 1e3 * statistics.median(times[method, k]),
-                     "flops_ratio": prefill_flops(cfg, n0, **fastv) / prefill_flops(cfg, n_text + n_img),
-                     "kv_cache_bytes": kv_cache_bytes(cfg, n0, dtype, **fastv)})
+                     "flops_ratio": prefill_flops(cfg, 0, per_layer=per) / prefill_flops(cfg, n_text + n_img),
+                     "kv_cache_bytes": kv_cache_bytes(cfg, 0, dtype, per_layer=per)})
     df = pd.DataFrame(rows)
     df["latency_ratio"] = df["prefill_ms"] / (1e3 * base)
     df["speedup_vs_flops"] = df["flops_ratio"] / df["latency_ratio"]

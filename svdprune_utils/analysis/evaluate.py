@@ -202,8 +202,10 @@ def evaluate(
     **patch_kwargs)`` (e.g. ``feature=``, ``fastv_layer=``, ``positions=``, selector signals such as ``rank=``) and
     unpatched afterwards (also on error); it is left as it came. Decoding is greedy, so the table is deterministic on a given machine.
 
-    Returns a DataFrame with one row per (method, budget): ``tokens`` (image tokens kept per image),
-    ``accuracy``, ``acc_<qtype>`` per question type, ``region_recall`` (mean over samples with a
+    Returns a DataFrame with one row per (method, budget): ``tokens`` (image tokens per image that reach the last
+    decoder layer: the budget, or for sparsevlm, whose budget is an average over layers, its last count; what each
+    layer processes: :func:`~svdprune_utils.analysis.efficiency.llm_tokens`), ``accuracy``, ``acc_<qtype>`` per
+    question type, ``region_recall`` (mean over samples with a
     mask), ``prefill_ms`` (mean per sample, batched) and ``n``. With ``return_samples`` also the
     per-sample table (prediction, answer, score, recall).
     """
@@ -225,10 +227,12 @@ def evaluate(
         try:
             with _prefill_timer(model) as timer:
                 rows = _run_one(model, processor, dataset, index, prompt, batch_size, max_new_tokens, timer)
+            kept = model.svdprune.kept_indices
         finally:
             unpatch_llava(model)
+        tokens = min(budget, n_img) if kept is None else int(kept.shape[1])
         for r in rows:
-            r.update(method=method, budget=budget, tokens=min(budget, n_img))
+            r.update(method=method, budget=budget, tokens=tokens)
         samples.extend(rows)
     per = pd.DataFrame(samples)
     keys = ["method", "budget", "tokens"]

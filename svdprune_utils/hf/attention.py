@@ -179,16 +179,17 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
     if state is not None:
         state._last_index = None
 
-    def image_rows(S):
+    def image_rows(S, layer):
         img = caller
         if state is not None and state._last_index is not None:  # the prompt as cut before the LLM
             idx = state._last_index.to(img.device)
             img = torch.where(idx >= 0, img.gather(1, idx.clamp_min(0)), False)
-        if S != img.shape[1]:  # inside FastV's pruned layers
+        if S != img.shape[1]:  # inside the pruned layers of FastV / SparseVLM: the rows of this layer's stage
             call = None if state is None else state._call
-            if call is None or call.sel is None:
+            stage = [rows for K, rows in (call.stages if call is not None else []) if K <= layer]
+            if not stage or stage[-1].shape[1] != S:
                 raise RuntimeError(f"a layer sees {S} tokens, the prompt has {img.shape[1]}")
-            img = img.gather(1, call.sel.to(img.device))
+            img = img.gather(1, stage[-1].to(img.device))
         counts = img.sum(1)
         if bool((counts != counts[0]).any()):
             raise ValueError(f"rows see different numbers of image tokens: {counts.tolist()}")
@@ -196,7 +197,7 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
 
     def probe(idx, module, query, key, mask, scaling):
         probs = attention_probs(module, query, key, mask, scaling)
-        pos = image_rows(query.shape[2]).to(probs.device)
+        pos = image_rows(query.shape[2], idx).to(probs.device)
         cols = pos[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
         lm[idx] = reduce(probs.gather(3, cols)).cpu()
         positions[idx] = pos.cpu()

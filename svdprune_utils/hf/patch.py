@@ -1,6 +1,6 @@
 """Plug-and-play visual-token pruning for Hugging Face ``LlavaForConditionalGeneration``.
 
-    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS or REDUCERS; "fastv" prunes inside the LLM
+    patch_llava(model, method="svd", budget=64)   # any key of SELECTORS or REDUCERS; "fastv", "sparsevlm": in the LLM
     out = model.generate(**processor(images=..., text=..., return_tensors="pt", padding=True))
     model.svdprune.budget = 32                    # knobs are plain attributes, read at every call
     model.svdprune.kept_indices                   # (n_images, K) kept patch indices of the last call
@@ -10,10 +10,11 @@
 
 Tested with transformers 5.24 (LLaVA-1.5 layout: CLIP or SigLIP tower, Llama decoder). Nothing in
 transformers is edited: ``model.forward`` and ``model.generate`` become instance attributes (bound methods
-of this module, so ``copy.deepcopy`` gives a copy that runs itself), FastV adds forward pre-hooks on the
-decoder layers; all of it is listed in ``model.svdprune`` and removed by :func:`unpatch_llava`.
+of this module, so ``copy.deepcopy`` gives a copy that runs itself), forward pre-hooks on the decoder layers
+serve the in-LLM methods (FastV, SparseVLM: :mod:`.fastv`); all of it is listed in ``model.svdprune`` and
+removed by :func:`unpatch_llava`.
 
-Pre-LLM methods (every method but "fastv"), for a call that carries images (``pixel_values``, or
+Pre-LLM methods (every method but "fastv" and "sparsevlm"), for a call that carries images (``pixel_values``, or
 ``mm_encoder_outputs`` with N tokens per image):
 
 1. compute: the tower runs once (``model.model.get_image_features``); each image's N tokens are scored
@@ -36,8 +37,8 @@ the full prompt, as FastV's and SparseVLM v2.0's official code do). With "origin
 so the first new token of a row sits at that row's full prompt length, as if nothing had been dropped; a
 continued cache is cut from the caller's whole sequence and mask, so it keeps that numbering; a forward call
 continuing a cache without ``position_ids`` gets them from the cache's record (``CutRecord.next_position``).
-FastV cuts inside the LLM after transformers has numbered the full sequence: it implements "original" only, and
-``positions="compact"`` with method "fastv" raises ValueError.
+FastV and SparseVLM cut inside the LLM after transformers has numbered the full sequence: they implement
+"original" only, and ``positions="compact"`` with either raises ValueError.
 
 ``generate`` keeps its whole contract: it returns the caller's prompt (N placeholders per image) followed
 by the new tokens; ``max_length``/``min_length`` count the caller's prompt; a streamer first receives the
@@ -60,7 +61,7 @@ from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
 from .inputs import POSITIONS
-from .prune import CACHE_CUT, CACHE_FASTV, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
+from .prune import CACHE_CUT, CACHE_FASTV, IN_LLM, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
@@ -73,13 +74,16 @@ class PruneState:
     """Everything a patch holds (``model.svdprune``). Public fields may be changed between calls.
 
     method: a key of ``SELECTORS`` or ``REDUCERS`` ("fastv" prunes at LLM layer ``fastv_layer``, all others
-    before the LLM); budget: K tokens kept per image (>= N keeps all); feature: "vision" or "projected" (what
-    pre-LLM selectors score; None: the method's default, ``selectors.default_feature``); selector_kwargs: extra signals for ``reduce_tokens`` (``rank``,
+    before the LLM), or "sparsevlm" (inside the LLM at several layers); budget: K tokens kept per image (>= N keeps
+    all; for sparsevlm the average image tokens per decoder layer, its official budget: :mod:`.sparsevlm`);
+    feature: "vision" or "projected" (what pre-LLM selectors score; None: the method's default,
+    ``selectors.default_feature``); selector_kwargs: extra signals for ``reduce_tokens`` (``rank``,
     ``center``, ``seed``, ...); kept: None, or a stored (n_images, K) selection replayed instead of
     selecting; kept_indices: LongTensor (n_images, K) of kept patch indices (raster order, 0..N-1) of the
     last call that saw images, images in batch order (for VisionZip: each output token's position, a
-    contextual token at its target patch). positions: "compact", "original" or None (the method's own:
-    ``prune.default_positions``); "fastv" implements "original" only.
+    contextual token at its target patch; for SparseVLM, those that reach its last stage). positions:
+    "compact", "original" or None (the method's own: ``prune.default_positions``); "fastv" and "sparsevlm"
+    implement "original" only.
     """
 
     method: str
@@ -94,7 +98,7 @@ class PruneState:
     _handles: list = field(default_factory=list, repr=False)
     _in_generate: bool = field(default=False, repr=False)
     _call: FastVCall | None = field(default=None, repr=False)
-    _fastv_prompt: tuple | None = field(default=None, repr=False)  # (sel, P) of a no-cache generate
+    _fastv_prompt: tuple | None = field(default=None, repr=False)  # (stages, P) of a no-cache generate
     _n: int = field(default=0, repr=False)  # tokens per image of the current FastV call
     _last_index: torch.Tensor | None = field(default=None, repr=False)  # (B, L) caller columns of the last cut
 
@@ -105,22 +109,29 @@ def _lm_layers(model):
 
 def _check(model, state: PruneState) -> None:
     """Validate the knobs (at patch time and at every call, since they are plain attributes)."""
-    if state.method not in SELECTORS and state.method not in REDUCERS:
+    if state.method not in SELECTORS and state.method not in REDUCERS and state.method not in IN_LLM:
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
-                         f"merging: {sorted(REDUCERS)}")
+                         f"merging: {sorted(REDUCERS)}, inside the LLM: {sorted(IN_LLM)}")
     state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
         raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
     if state.positions is not None and state.positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS} or None (the method's own), got {state.positions!r}")
-    if state.method == "fastv" and state.positions == "compact":
-        raise ValueError("fastv implements positions='original' only (it cuts inside the LLM, after the full "
-                         "sequence is numbered; its official code keeps the kept tokens' position ids): use "
+    if state.method in IN_LLM and state.positions == "compact":
+        raise ValueError(f"{state.method} implements positions='original' only (it cuts inside the LLM, after the "
+                         "full sequence is numbered; its official code keeps the kept tokens' position ids): use "
                          "positions='original' or None")
     n_layers = len(_lm_layers(model))
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
+    if state.method == "sparsevlm" and state.budget < tokens_per_image(model):
+        from .sparsevlm import schedule
+
+        schedule(state.budget, n_layers, tokens_per_image(model))  # raises for a budget it cannot reach
     if state.kept is not None:
+        if state.method == "sparsevlm":
+            raise ValueError("kept replays one cut, and sparsevlm cuts at several layers: patch with method='fastv' "
+                             "(one cut inside the LLM) or a pre-LLM selector to replay a kept set")
         if state.method in REDUCERS:
             raise ValueError(f"kept replays a selection, and {state.method} merges tokens (kept cannot describe "
                              "its merged features): patch with a selector (e.g. method='random', kept=...) to "
@@ -155,8 +166,9 @@ def prune_inputs(model, **inputs) -> Pruned:
     if state is None:
         raise ValueError("prune_inputs needs a model patched with patch_llava (it reads model.svdprune)")
     _check(model, state)
-    if state.method == "fastv":
-        raise ValueError("fastv prunes inside the language model: call the patched model on the caller's inputs")
+    if state.method in IN_LLM:
+        raise ValueError(f"{state.method} prunes inside the language model: call the patched model on the caller's "
+                         "inputs")
     out = prune_call(model, state, dict(inputs))
     return Pruned(inputs=dict(inputs), kept=state.kept_indices, index=None) if out is None else out
 
@@ -217,15 +229,15 @@ def _generate(self, *args, **kwargs):
         kw["input_ids" if kw.get("inputs_embeds") is None else "inputs"] = kw.pop("inputs")
     gc = kw.get("generation_config") or self.generation_config
     cache = cache_of(kw)
-    if state.method == "fastv":
+    if state.method in IN_LLM:
         n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy"))
         prunes = state.budget < n_full or state.kept is not None or getattr(cache, CACHE_FASTV, None) is not None
         if prunes and (kw.get("prompt_lookup_num_tokens") or getattr(gc, "prompt_lookup_num_tokens", None)
                        or kw.get("assistant_model") is not None):
-            raise NotImplementedError("fastv does not support assisted / prompt-lookup decoding (the draft "
-                                      "tokens would need the pruned cache cropped layer by layer)")
+            raise NotImplementedError(f"{state.method} does not support assisted / prompt-lookup decoding (the "
+                                      "draft tokens would need the pruned cache cropped layer by layer)")
         if prunes and (kw.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None)):
-            raise NotImplementedError("fastv does not support chunked prefill (prefill_chunk_size)")
+            raise NotImplementedError(f"{state.method} does not support chunked prefill (prefill_chunk_size)")
         state._in_generate, state._fastv_prompt = True, None
         try:
             return orig(**kw)
@@ -265,7 +277,7 @@ def _forward(self, *args, **kwargs):
     orig = self.forward.orig
     _check(self, state)
     kw = _bind(orig, args, kwargs)
-    if state.method == "fastv":
+    if state.method in IN_LLM:
         from .fastv import fastv_forward
 
         return fastv_forward(self, state, orig, kw)
@@ -286,18 +298,21 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     """Prune the visual tokens of a ``LlavaForConditionalGeneration`` in place; returns ``model``.
 
     method: a key of ``SELECTORS``, or of ``REDUCERS`` ("visionzip": D dominant + C merged contextual tokens,
-    ``reduce_visionzip``); "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2), every other method
-    before the LLM, with the signals the patch computes from the call (:mod:`.signals`). budget: tokens kept
-    per image (>= N: identical to unpatched).
+    ``reduce_visionzip``); "fastv" prunes inside the LLM at ``fastv_layer`` (K, default 2), "sparsevlm" inside the
+    LLM at the layers of its schedule (:func:`.sparsevlm.schedule`), every other method before the LLM, with the
+    signals the patch computes from the call (:mod:`.signals`). budget: tokens kept per image (>= N: identical to
+    unpatched); for "sparsevlm" the average image tokens per decoder layer (its official meaning: 64 keeps 66, 34
+    and 20 tokens after layers 2, 6 and 15 of a 32-layer LLaVA; a budget it cannot reach raises ValueError).
     feature: "vision" (vision_feature_layer patch features) or "projected", what pre-LLM methods score;
     None (default): the method's own default (``selectors.FEATURE_DEFAULTS``: "projected" for divprune, as
     its authors' code scores the LLM's input; "vision" for the others).
     kept: a stored selection (n_images, K) (e.g. an earlier ``model.svdprune.kept_indices``) used instead of
-    selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer).
+    selecting: the next calls keep exactly these tokens (budget = K; "fastv" cuts them at its layer; "sparsevlm",
+    which cuts several times, refuses it).
     positions: the kept tokens' position ids: "compact" (consecutive after the cut, as the official pre-LLM LLaVA
     implementations), "original" (their positions in the full prompt, as FastV's and SparseVLM v2.0's official
     code; generation goes on numbering from the full prompt length), or None (default): the method's own
-    ("compact" for pre-LLM methods, "original" for fastv, which implements "original" only).
+    ("compact" for pre-LLM methods, "original" for fastv and sparsevlm, which implement "original" only).
     selector_kwargs: extra signals for ``reduce_tokens`` (e.g. ``rank=``, ``center=``, ``seed=``;
     ``important_ratio=`` for vispruner; ``dominant=`` for visionzip; for cdpruner the official relevance instead
     of the patch's LLM-embedding variant (:func:`.signals.instruction_relevance`): ``relevance=`` (n_images, N)

@@ -18,19 +18,21 @@ from ..core.selection import default_feature
 from .inputs import image_runs, keep_image_tokens, kept_features
 from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
 
-__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "strategy", "feature_layer", "tokens_per_image",
+__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "IN_LLM", "strategy", "feature_layer", "tokens_per_image",
            "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of", "prune_call", "pad_id"]
 
 # Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
 CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: a CutRecord
-CACHE_FASTV = "_svdprune_fastv"  # FastV: (kept prompt rows (B, P'), P)
+CACHE_FASTV = "_svdprune_fastv"  # in-LLM methods: (((K, kept prompt rows (B, P')) per cut), P, method)
+IN_LLM = ("fastv", "sparsevlm")  # the methods that prune inside the language model (:mod:`.fastv`)
 
 
 def default_positions(method: str) -> str:
     """The position ids a method gives its kept tokens when the patch's ``positions`` is None: "original" for
-    fastv (its official code: ``position_ids = keep_indexs``; the only value it implements), "compact" for every
-    pre-LLM method (the official pre-LLM LLaVA implementations shorten the sequence before the LLM)."""
-    return "original" if method == "fastv" else "compact"
+    the in-LLM methods (FastV's official code: ``position_ids = keep_indexs``; SparseVLM v2.0's:
+    ``batch_index_select(position_ids, keep)``; the only value they implement), "compact" for every pre-LLM method
+    (the official pre-LLM LLaVA implementations shorten the sequence before the LLM)."""
+    return "original" if method in IN_LLM else "compact"
 
 
 def positions_of(state) -> str:
@@ -204,7 +206,9 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     cache_k, prompt_len = (record.k, record.prompt_len) if record is not None else (None, 0)
     positions = positions_of(state)
     if past and getattr(cache, CACHE_FASTV, None) is not None:
-        raise ValueError("this cache was built by fastv (pruned inside the LLM); continue it with method='fastv'")
+        method = getattr(cache, CACHE_FASTV)[2]
+        raise ValueError(f"this cache was built by {method} (pruned inside the LLM); continue it with "
+                         f"method={method!r}")
     if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
         img = img.clone()
         img[:, prompt_len:] = False
