@@ -300,3 +300,16 @@ def test_a_bad_positions_value_is_refused(tiny_llava):
     tiny_llava.svdprune.positions = "shifted"
     with pytest.raises(ValueError, match="positions must be one of"):
         tiny_llava(**build_llava_inputs(MIXED[:1]))
+
+
+@pytest.mark.parametrize("method", ["svd", "visionzip"])
+def test_original_without_an_attention_mask_is_not_read_as_packed_sequences(tiny_llava, method):
+    """No attention_mask, no cache: the gapped position ids must not split the prompt into 'packed sequences'
+    (transformers' masking_utils does that to position ids that restart or jump when the mask is None)."""
+    x = build_llava_inputs([(3, 1, 4)])
+    bare = {"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]}
+    patch_llava(tiny_llava, method=method, budget=16, positions="original")
+    with torch.no_grad():
+        ref = tiny_llava(**x, use_cache=False).logits
+        got = tiny_llava(**bare, use_cache=False).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -82,8 +82,9 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
         (the caller's position_ids, else ``attention_mask.cumsum(-1) - 1``).
     padding_side: "left"/"right"; None = "right" if some row ends in padding, else "left".
 
-    The result has an ``attention_mask`` whenever the input had one or rows end up with different
-    lengths, and ``index``: (B, L) LongTensor, the column of the full prompt each kept entry came from
+    The result has an ``attention_mask`` whenever the input had one, rows end up with different lengths, or
+    positions is "original" (without a mask transformers would read the gaps in the position ids as the
+    boundaries of packed sequences), and ``index``: (B, L) LongTensor, the column of the full prompt each kept entry came from
     (-1 at padding).
     """
     if positions not in POSITIONS:
@@ -125,7 +126,8 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
     lengths = keep.sum(1)
     L = int(lengths.max())
     out = dict(inputs)
-    if mask is None and bool((lengths != L).any()):
+    if mask is None and (bool((lengths != L).any()) or positions == "original"):
+        # "original": gapped position ids without a mask read as packed sequences to transformers (masking_utils)
         mask = torch.ones(B, S, dtype=torch.long, device=dev)
     src = {k: inputs.get(k) for k in ("input_ids", "inputs_embeds", "labels")}
     src["attention_mask"] = mask
