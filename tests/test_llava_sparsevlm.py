@@ -32,6 +32,9 @@ def test_official_schedule_and_its_counter():
         assert s.cuts == (3, 7, 16)
     assert svlm.schedule(64, 32).average == 64.4375
     assert svlm.schedule(128, 32).average == 128.0
+    s13 = svlm.schedule(128, 40)  # the 13B: the official code runs the same layers and counts
+    assert s13.official and s13.counts == (238, 108, 60)
+    assert s13.average == (2 * 576 + 4 * 238 + 9 * 108 + 25 * 60) / 40
 
 
 @pytest.mark.parametrize(("n_layers", "layers"), [(32, (2, 6, 15)), (40, (2, 6, 15)), (17, (2, 6, 15)),
@@ -44,7 +47,7 @@ def test_pruning_layers_keep_the_official_depth_fractions(n_layers, layers):
 
 @pytest.mark.parametrize(("budget", "n_layers", "n"), [(37, 32, 576), (48, 32, 576), (200, 32, 576), (16, 6, 576),
                                                        (64, 6, 576), (192, 6, 576), (16, 4, 576), (16, 3, 576),
-                                                       (100, 40, 576), (64, 32, 729), (10, 6, 50)])
+                                                       (100, 40, 576), (64, 32, 729), (10, 6, 50), (150, 40, 576)])
 def test_other_budgets_reach_the_average(budget, n_layers, n):
     s = svlm.schedule(budget, n_layers, n)
     assert not s.official
@@ -99,7 +102,8 @@ def test_rope_gravity_is_the_cosine_sum_of_the_distance():
 
 
 def test_heads_kept_is_fourteen_of_thirty_two():
-    assert [svlm.heads_kept(h) for h in (32, 40, 16, 4, 2, 1)] == [14, 18, 7, 2, 1, 1]
+    # the official topk(14) wherever it runs (>= 14 heads), the 7B's fraction below
+    assert [svlm.heads_kept(h) for h in (32, 40, 16, 14, 13, 4, 2, 1)] == [14, 14, 14, 14, 6, 2, 1, 1]
 
 
 # ------------------------------------------------------------------ a whole pruned forward, rebuilt by hand

@@ -16,7 +16,8 @@ Follows the authors' code (Gumpest/SparseVLMs, main at 26a5f48 with ``USE_VERSIO
   by ``(RoPE(1)·RoPE(1)ᵀ)/√head_dim``, the score two all-ones query/key vectors get at those positions; it depends
   only on the distance (``(2/√d)·Σᵢ cos((m−n)θᵢ)``). (:func:`rope_gravity`)
 * **head selection** (v2.0, ``score.py`` ``select_attn_head_by_sum``): the heads with the largest attention summed
-  over raters × image tokens, ``topk(14)`` of LLaVA-1.5-7B's 32; here ``max(1, round(14·H/32))`` of H heads.
+  over raters × image tokens, ``topk(14)`` (of LLaVA-1.5-7B's 32, of the 13B's 40); models with fewer than 14 heads
+  keep the 7B's fraction, ``max(1, round(14·H/32))``.
 * **score and keep** (``score.py`` ``attn_postprocess_topk``): the selected heads' attention averaged, the raters'
   rows at the image columns averaged over raters; keep ``topk(min(count, current − 1))``, in their original order,
   with their original position ids (v2.0: ``position_ids = batch_index_select(position_ids, keep)``). Text is never
@@ -25,12 +26,13 @@ Follows the authors' code (Gumpest/SparseVLMs, main at 26a5f48 with ``USE_VERSIO
   after layers 2 / 6 / 15 are (66, 34, 20), (246, 54, 28), (238, 108, 60), (300, 200, 118). The budget is the
   *average number of image tokens per decoder layer* by the official counter (``num_token.append(v_token_num)``
   after each layer, the pruning layer counting its pruned output): e.g. 64 → (2·576 + 4·66 + 9·34 + 17·20)/32 =
-  64.4. So SparseVLM "at 64 tokens" gives the language model all 576 image tokens and keeps 20 in its last 17
-  layers; :func:`schedule` reports both.
+  64.4. So SparseVLM "at 64 tokens" gives the language model all 576 image tokens, and its last 16 layers see 20
+  (its counter counts 17: layer 15's pruned output); :func:`schedule` reports both.
 
 Not carried over: v1.0/v1.5's recycling (DPC-kNN clustering of 30 % of the dropped tokens into merged tokens),
-which v2.0 drops (``s_flag = False``); v1.0's rank-adaptive counts. Our extensions (the official code is batch-1,
-one image, 32 or 40 layers, budgets 64/96/128/192, and computes in fp16): rows of a batch are scored alone, padding
+which v2.0 drops (``s_flag = False``); v1.0's rank-adaptive counts (commit b72c5d6). Numerics: the official code
+computes in fp16 and breaks ties with ``torch.topk``'s unspecified order, so near-ties can keep different tokens.
+Our extensions (the official code is batch-1, one image, 32 or 40 layers, budgets 64/96/128/192): rows of a batch are scored alone, padding
 is not text; several images per row share the raters and heads of their row and keep ``count`` tokens each;
 scores are computed in fp32; ties go to the lower index; if no text token exceeds the mean (e.g. a single one),
 every text token rates; for other budgets or depths see :func:`schedule`.
@@ -43,8 +45,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LAYERS", "COUNTS", "HEADS_KEPT", "Schedule", "schedule", "sparsevlm_schedule", "raters", "rope_gravity", "heads_kept",
-           "image_scores"]
+__all__ = ["LAYERS", "COUNTS", "HEADS_KEPT", "Schedule", "schedule", "sparsevlm_schedule", "raters", "rope_gravity",
+           "heads_kept", "image_scores"]
 
 LAYERS = (2, 6, 15)  # pruning_loc: the layers whose output is pruned
 COUNTS = {64: (66, 34, 20), 96: (246, 54, 28), 128: (238, 108, 60), 192: (300, 200, 118)}  # v2.0, of 576
@@ -100,20 +102,23 @@ def schedule(budget: int, n_layers: int, n_tokens: int = 576) -> Schedule:
     """The pruning layers and counts that give ``budget`` image tokens per decoder layer on average (the official
     counter) for a decoder of ``n_layers`` layers and ``n_tokens`` image tokens per image.
 
-    * 32 layers and 576 tokens, budget 64/96/128/192: the official v2.0 layers and table (``official=True``).
-    * Layers: the official (2, 6, 15) for every decoder deeper than 15 layers (the official code uses them for the
-      7B and the 13B) whose last layer comes after 15; a shallower decoder prunes at the same fractions of its depth, ``round(ℓ·L/32)`` capped at
-      L − 2 (duplicates merged): 6 layers → (0, 1, 3), 3 layers → (0, 1).
+    * 576 tokens, budget 64/96/128/192, a decoder of more than 16 layers: the official v2.0 layers and table
+      (``official=True``), as the official code runs them on the 7B (32 layers: the average is the budget) and the
+      13B (40 layers: the same counts, so the average is lower, e.g. 128 -> 114.4).
+    * Layers: the official (2, 6, 15) for every decoder of more than 16 layers; a shallower decoder prunes at the
+      same fractions of its depth, ``round(ℓ·L/32)`` capped at L − 2 (duplicates merged): 6 layers → (0, 1, 3),
+      3 layers → (0, 1).
     * Other counts: the official table row of the nearest budget (by ``budget/n_tokens`` against ``b/576``, on a log
       scale), scaled by the one factor that brings the counter's average closest to ``budget`` (counts rounded,
-      each stage dropping at least one token and keeping at least one). The average reached is in ``Schedule.average``.
+      each stage dropping at least one token and keeping at least one). The average reached is in
+      ``Schedule.average``.
 
     Raises ValueError when the budget cannot be reached: >= n_tokens (nothing to prune: the unpatched model) is
     left to the caller; below the average the pruning layers' fixed full-length layers already give."""
     if n_tokens < 2:
         raise ValueError(f"sparsevlm needs at least 2 image tokens per image, got {n_tokens}")
     layers = _layers(n_layers)
-    if n_layers == 32 and n_tokens == 576 and budget in COUNTS:
+    if n_layers > LAYERS[-1] + 1 and n_tokens == 576 and budget in COUNTS:
         counts = COUNTS[budget]
         return Schedule(layers, counts, _average(layers, counts, n_tokens, n_layers), True)
     floor = _average(layers, tuple(range(len(layers), 0, -1)), n_tokens, n_layers)
@@ -167,7 +172,10 @@ def rope_gravity(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.T
 
 
 def heads_kept(n_heads: int) -> int:
-    """How many heads score the image tokens: 14 of 32 in the official code, the same fraction of ``n_heads``."""
+    """How many heads score the image tokens: the official ``topk(14)`` wherever it runs (14 or more heads: the 7B's
+    32, the 13B's 40); fewer heads keep the 7B's fraction, ``round(14·H/32)``, at least 1."""
+    if n_heads >= HEADS_KEPT[0]:
+        return HEADS_KEPT[0]
     return max(1, math.floor(HEADS_KEPT[0] * n_heads / HEADS_KEPT[1] + 0.5))
 
 
