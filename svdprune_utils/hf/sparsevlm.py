@@ -32,10 +32,10 @@ Follows the authors' code (Gumpest/SparseVLMs, main at 26a5f48 with ``USE_VERSIO
 Not carried over: v1.0/v1.5's recycling (DPC-kNN clustering of 30 % of the dropped tokens into merged tokens),
 which v2.0 drops (``s_flag = False``); v1.0's rank-adaptive counts (commit b72c5d6). Numerics: the official code
 computes in fp16 and breaks ties with ``torch.topk``'s unspecified order, so near-ties can keep different tokens.
-Our extensions (the official code is batch-1, one image, 32 or 40 layers, budgets 64/96/128/192): rows of a batch are scored alone, padding
-is not text; several images per row share the raters and heads of their row and keep ``count`` tokens each;
-scores are computed in fp32; ties go to the lower index; if no text token exceeds the mean (e.g. a single one),
-every text token rates; for other budgets or depths see :func:`schedule`.
+Our extensions (the official code is batch-1, one image, 32 or 40 layers, budgets 64/96/128/192): rows of a batch
+are scored alone, padding is not text; several images per row share the raters and heads of their row and keep
+``count`` tokens each; scores are computed in fp32; ties go to the lower index; if no text token exceeds the mean
+(e.g. a single one), every text token rates; for other budgets or depths see :func:`schedule`.
 """
 
 from __future__ import annotations
