@@ -209,3 +209,33 @@ def test_approx_batch_equals_each_sample_alone():
     kept = select_tokens(X, 12, "svd", solver="approx", seed=7)
     for b in range(4):
         assert torch.equal(kept[b], select_tokens(X[b], 12, "svd", solver="approx", seed=7))
+
+
+@pytest.mark.parametrize("shape", [(90, 300), (300, 90), (120, 120)])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_top_k_path_equals_the_full_spectrum_in_fp64(shape, k):
+    """The exact path computes only the top-k eigenpairs for k <= min(N, d)/3 on the CPU: its fp64 squared left
+    singular vectors equal those of the full Gram eigh (and of numpy's fp64 SVD) to round-off."""
+    from svdprune_utils.core import leverage as L
+
+    g = torch.Generator().manual_seed(k)
+    X = L.unit_scale(torch.randn(2, *shape, generator=g, dtype=torch.float64))
+    sig, usq = L._exact_topk(X, k, 1e-6)
+    full_sig, full_usq = L._exact_gram(X)
+    assert usq.shape == (2, shape[0], k)
+    torch.testing.assert_close(sig, full_sig[:, :k], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(usq.sum(-1), full_usq[..., :k].sum(-1), atol=1e-10, rtol=0)
+    ref = np.stack([reference_leverage(X[b].numpy(), k) for b in range(2)])
+    np.testing.assert_allclose(leverage_scores(X, k).numpy(), ref, atol=1e-6)
+
+
+def test_top_k_path_falls_back_when_the_numerical_rank_is_below_k():
+    from svdprune_utils.core import leverage as L
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1, 100, 6, generator=g, dtype=torch.float64) @ torch.randn(1, 6, 400, generator=g,
+                                                                                dtype=torch.float64)
+    assert L._exact_topk(L.unit_scale(X), 20, 1e-6) is None  # rank 6 < 20: the full spectrum counts it
+    scores, k = leverage_scores(X, 20, return_rank=True)
+    assert k == 6
+    np.testing.assert_allclose(scores[0].numpy(), reference_leverage(X[0].numpy(), 6), atol=1e-6)
