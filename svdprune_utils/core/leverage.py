@@ -12,11 +12,12 @@ matrix of the smaller side (X Xᵀ when N ≤ d, else Xᵀ X), which matched a f
 reference to ≤ 1e-6 and was faster than fp32 ``torch.linalg.svd``. For an int rank k ≤ min(N, d)/3 on the CPU
 it computes only the top-k eigenpairs (LAPACK's MRRR after the same tridiagonal reduction, fp64, exact as the
 full one: the other eigenvectors are never formed), falling back to the full spectrum when the numerical rank
-is below k (the rank rule needs it); ``method="exact-svd"`` runs the SVD itself. Whatever the input dtype (fp16/bf16 included) the maths runs in fp64 and the scores come back
-as fp32. The approximate path is a seeded randomized SVD (``torch.svd_lowrank``; the global RNG is
-forked, never reseeded). At LLaVA-1.5 sizes it is not the better choice: with the defaults (q = 2k
-columns, 4 power iterations) its top-64 set agreed with the exact one only 81–89% of the time at
-k = 64, and the settings that fix that cost more than the exact Gram path (benchmarks/README.md).
+is below k (the rank rule needs it); ``method="exact-svd"`` runs the SVD itself. Whatever the input dtype
+(fp16/bf16 included) the maths runs in fp64 and the scores come back as fp32. The approximate path is a seeded
+randomized SVD (``torch.svd_lowrank``; the global RNG is forked, never reseeded). At LLaVA-1.5 sizes it is not the
+better choice: with the defaults (q = 2k columns, 4 power iterations) its top-64 set agreed with the exact one
+only 81–89% of the time at k = 64, and the settings that fix that cost more than the exact Gram path
+(benchmarks/README.md).
 
 Rank rule: ``rank`` is an int k (fixed rank) or a float in (0, 1] (energy: the smallest k whose share
 of Σσ² reaches it). Either way k is clamped to the numerical rank r (σ_j > σ_max · max(N, d) · ε with
