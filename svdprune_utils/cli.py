@@ -131,12 +131,12 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
     from .hf.prune import IN_LLM
 
     known = sorted({*SELECTORS, *REDUCERS, *IN_LLM})  # every method patch_llava takes
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # repeats run once
     bad = [m for m in methods if m not in known]
     if not methods or bad:
         raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
     try:
-        budgets = [int(b) for b in args.budgets.split(",")]
+        budgets = list(dict.fromkeys(int(b) for b in args.budgets.split(",")))
     except ValueError:
         raise UserError(f"--budgets must be positive integers separated by commas, got {args.budgets!r}") from None
     if not budgets or min(budgets) < 1:
@@ -151,6 +151,9 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
                         "them without --positions (or with --positions original)")
     if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
         raise UserError("--prompt must contain <image> and {question}")
+    if args.prompt is not None and "sparsevlm" in methods and not args.prompt.split("<image>")[-1].strip():
+        raise UserError("--prompt: sparsevlm chooses its raters among the text after the image; put text (e.g. "
+                        "{question}) after <image>")
     if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
         raise UserError(f"--dataset {args.dataset}: file not found")
     if args.out:

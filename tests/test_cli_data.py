@@ -96,6 +96,7 @@ def test_eval_on_a_local_json_with_the_embedded_model_reads_the_question(tmp_pat
     (["--positions", "shifted"], "invalid choice"),
     (["--methods", "svd,fastv", "--positions", "compact"], "fastv implement(s) original positions only"),
     (["--methods", "sparsevlm", "--positions", "compact"], "sparsevlm implement(s) original positions only"),
+    (["--methods", "sparsevlm", "--prompt", "{question} <image>"], "sparsevlm chooses its raters among the text"),
 ])
 def test_eval_user_errors_are_one_line_and_exit_2(capsys, argv, message):
     by_argparse = "--dtype" in argv or "shifted" in argv  # choices: argparse exits (2) itself
@@ -200,3 +201,10 @@ def test_eval_help_documents_every_option_and_the_json_format(capsys):
                    "--device", "--dtype", "--seed", "--prompt", "--positions", "--out"):
         assert option in out
     assert "local JSON datasets" in out and '"answers"' in out and "resum" in out
+
+
+def test_eval_runs_a_repeated_method_or_budget_once(tmp_path):
+    out = tmp_path / "res.csv"
+    assert cli(["eval", "--methods", "svd,svd", "--budgets", "16,16", "--limit", "1", "--n", "1", "--device", "cpu",
+                "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == 1

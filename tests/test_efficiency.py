@@ -175,3 +175,16 @@ def test_budget_semantics_per_method_hand_computed():
     assert df.loc[("svd", 16)]["kv_ratio"] == 80 / 640
     with pytest.raises(ValueError, match="per_layer needs 32"):
         prefill_flops(CFG, 0, per_layer=[10] * 31)
+
+
+def test_budget_table_refuses_bad_arguments():
+    from svdprune_utils.analysis.efficiency import budget_table
+
+    assert list(budget_table(CFG, "sparsevlm", [64], 64, 576)["method"]) == ["sparsevlm"]  # one name, not letters
+    with pytest.raises(ValueError, match="unknown method"):
+        budget_table(CFG, ["bogus"], [64], 64, 576)
+    for bad in ([0], [-1], [64.5]):
+        with pytest.raises(ValueError, match="budgets must be ints >= 1"):
+            budget_table(CFG, ["svd"], bad, 64, 576)
+    with pytest.raises(ValueError, match="n_img must be an int >= 1"):
+        budget_table(CFG, ["svd"], [64], 64, 0)

@@ -415,34 +415,35 @@ def test_multi_turn_continuation_equals_a_fresh_run_of_the_conversation(tiny_lla
 
 # ------------------------------------------------------------------- found by a user's break-it pass
 class _ForceFirst:
-    """A logits processor making the first generated token the image placeholder id."""
+    """A logits processor making the ``at``-th generated token (0: the first) the image placeholder id."""
 
-    def __init__(self):
-        self.first = True
+    def __init__(self, at: int = 0):
+        self.step, self.at = 0, at
 
     def __call__(self, ids, scores):
-        if self.first:
+        if self.step == self.at:
             scores[:] = -1e9
             scores[:, IMAGE_TOKEN_ID] = 0
-            self.first = False
+        self.step += 1
         return scores
 
 
-@pytest.mark.parametrize("method", ["svd", "fastv", "sparsevlm"])
-def test_a_generated_placeholder_id_is_a_plain_token(tiny_llava, method):
+@pytest.mark.parametrize("at", [0, 1])  # 1: the placeholder id is the uncached last token a continuation feeds
+@pytest.mark.parametrize("method", ["svd", "cdpruner", "fastv", "sparsevlm"])
+def test_a_generated_placeholder_id_is_a_plain_token(tiny_llava, method, at):
     from transformers import LogitsProcessorList
 
     x = build_llava_inputs([(3, 1, 2), (5, 1, 4)])
     S = x["input_ids"].shape[1]
     patch_llava(tiny_llava, method=method, budget=16)
-    one = _gen(tiny_llava, x, n=4, logits_processor=LogitsProcessorList([_ForceFirst()]))
-    first = _gen(tiny_llava, x, n=2, logits_processor=LogitsProcessorList([_ForceFirst()]),
+    one = _gen(tiny_llava, x, n=4, logits_processor=LogitsProcessorList([_ForceFirst(at)]))
+    first = _gen(tiny_llava, x, n=2, logits_processor=LogitsProcessorList([_ForceFirst(at)]),
                  return_dict_in_generate=True)
     mask = torch.cat([x["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
     with torch.no_grad():
         cont = tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
                                    max_new_tokens=2, do_sample=False)
-    assert int(one[0, S]) == IMAGE_TOKEN_ID and torch.equal(cont, one)
+    assert int(one[0, S + at]) == IMAGE_TOKEN_ID and torch.equal(cont, one)
 
 
 def test_fastv_hand_written_loop_with_the_cache_the_model_made(tiny_llava):
@@ -495,11 +496,13 @@ def test_changing_knobs_mid_conversation(tiny_llava):
     patch_llava(tiny_llava, method="fastv", budget=16)
     one = _gen(tiny_llava, x, n=4)
     first = _gen(tiny_llava, x, n=2, return_dict_in_generate=True)
-    tiny_llava.svdprune.budget = 576  # a FastV cache is continued as it was pruned
-    with torch.no_grad():
+    with torch.no_grad():  # a FastV cache is continued as it was pruned
         cont = tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
                                    max_new_tokens=2, do_sample=False)
     assert torch.equal(cont, one)
+    tiny_llava.svdprune.budget = 576  # as a pre-LLM cache, it refuses a budget it was not built with
+    with pytest.raises(ValueError, match="built by fastv at budget 16"):
+        tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)
     tiny_llava.svdprune.method = "svd"
     with pytest.raises(ValueError, match="built by fastv"):
         tiny_llava.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)

@@ -230,3 +230,43 @@ def test_padding_never_rates(pad_left):
         with torch.no_grad():
             model(**one)
         assert torch.equal(model.svdprune.kept_indices[0], kept[b])
+
+
+def test_schedule_refuses_what_it_cannot_schedule():
+    with pytest.raises(ValueError, match=r"int in \[1, 2\)"):
+        svlm.schedule(8, 32, 2)  # at or above the image's tokens nothing is pruned
+    with pytest.raises(ValueError, match="needs more than 3 image tokens"):
+        svlm.schedule(2, 32, 3)  # three stages each dropping one token need four
+    for bad in (0, -1, 64.5, True, "64", None):
+        with pytest.raises(ValueError, match="budget must be an int"):
+            svlm.schedule(bad, 32)
+    s = svlm.schedule(96, 17)  # the official table only where the official code runs it (32 or 40 layers)
+    assert not s.official and abs(s.average - 96) <= 1.5
+
+
+def test_a_continued_cache_refuses_another_method_or_budget(tiny_llava):
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(tiny_llava, method="sparsevlm", budget=64)
+    with torch.no_grad():
+        out = tiny_llava.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+    for method, budget in (("sparsevlm", 32), ("fastv", 64)):
+        tiny_llava.svdprune.method, tiny_llava.svdprune.budget = method, budget
+        with pytest.raises(ValueError, match="built by sparsevlm at budget 64"), torch.no_grad():
+            tiny_llava.generate(out.sequences, attention_mask=mask, cache=out.past_key_values, max_new_tokens=1)
+
+
+def test_selector_signals_are_refused(tiny_llava):
+    for method in ("sparsevlm", "fastv"):
+        with pytest.raises(ValueError, match="takes no selector signals"):
+            patch_llava(tiny_llava, method=method, budget=64, foo=4)
+
+
+def test_capture_attention_refuses_layers_out_of_range(tiny_llava):
+    from svdprune_utils.hf.attention import capture_attention
+
+    x = build_llava_inputs([(3, 1, 4)])
+    for bad in ([4], [-5]):
+        with pytest.raises(ValueError, match=r"layers must lie in \[-4, 4\)"):
+            capture_attention(tiny_llava, x, layers=bad)
+    assert sorted(capture_attention(tiny_llava, x, layers=[-1, 0]).lm) == [0, 3]

@@ -24,6 +24,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -73,15 +74,29 @@ def llm_tokens(config: Any, method: str, budget: int, n_text: int, n_img: int, f
 
 
 def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_layer: int = 2):
-    """What a budget means for each method, as a DataFrame: tokens_entering_llm (image tokens per image at the
+    """What a budget means for each method, for one prompt of ``n_text`` text tokens and one image of ``n_img``
+    image tokens (576 for LLaVA-1.5), as a DataFrame: tokens_entering_llm (image tokens per image at the
     decoder's input), image_tokens_last_layer, image_tokens_per_layer (mean over the decoder layers of what each
     processes), official_average (SparseVLM's own counter, which counts a pruning layer at its pruned output; NaN
     for the others), flops_ratio (decoder prefill FLOPs to the unpruned prompt's) and kv_ratio (KV-cache size, same
     ratio). Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
     import pandas as pd
 
+    from ..core.reduction import REDUCERS
+    from ..core.selection import SELECTORS
+    from ..hf.prune import IN_LLM
     from ..hf.sparsevlm import schedule
 
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in SELECTORS and m not in REDUCERS and m not in IN_LLM]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted({*SELECTORS, *REDUCERS, *IN_LLM})}")
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
+    if bad:
+        raise ValueError(f"budgets must be ints >= 1, got {bad}")
+    for name, v in (("n_text", n_text), ("n_img", n_img)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "n_text" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'n_text' else 1}, got {v!r}")
     L = _dims(config)[3]
     full = prefill_flops(config, n_text + n_img)
     rows = []

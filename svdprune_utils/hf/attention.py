@@ -166,10 +166,17 @@ def capture_attention(model, inputs: dict, layers=None, per_head: bool = False) 
     """Run one forward of ``model(**inputs)`` (no cache) and return its attention maps.
 
     Works on unpatched and patched models (the maps then show what the pruned LLM attends to).
-    layers: LLM layer indices (negative allowed; default all). Read by :func:`probing` on the chosen layers.
+    layers: LLM layer indices in [-L, L) (negative count from the end; default all). Read by :func:`probing` on the
+    chosen layers. Under an in-LLM method (FastV, SparseVLM) ``image_positions`` of a pruned layer are columns of
+    the sequence that layer processes.
     """
     lm_layers = model.model.language_model.layers
-    layers = range(len(lm_layers)) if layers is None else sorted({int(i) % len(lm_layers) for i in layers})
+    L = len(lm_layers)
+    if layers is not None:
+        bad = [i for i in layers if not -L <= int(i) < L]
+        if bad:
+            raise ValueError(f"layers must lie in [-{L}, {L}) for this {L}-layer language model, got {bad}")
+    layers = range(L) if layers is None else sorted({int(i) % L for i in layers})
     from .patch import image_token_mask
 
     lm, positions = {}, {}

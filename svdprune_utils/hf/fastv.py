@@ -257,6 +257,10 @@ def fastv_forward(model, state, orig, kw: dict):
         raise ValueError("this cache was built by a pre-LLM method (its prompt was cut before the LLM); continue it "
                          "with that method")
     stored = getattr(cache, CACHE_FASTV, None) if past else None  # a pruned cache is continued as it was pruned
+    if stored is not None and (stored[2], stored[3]) != (state.method, state.budget):
+        raise ValueError(f"this cache was built by {stored[2]} at budget {stored[3]}; the patch is now "
+                         f"{state.method} at budget {state.budget}: continue it with the method and budget it was "
+                         "built with")
     if state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
         if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
             state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
@@ -306,7 +310,7 @@ def fastv_forward(model, state, orig, kw: dict):
     finally:
         state._call = None
     if call.chosen:
-        record = (tuple(call.stages), call.P, state.method)
+        record = (tuple(call.stages), call.P, state.method, state.budget)
         for c in (cache, getattr(out, "cache", None)):
             if isinstance(c, DynamicCache):  # the cache the caller passed, or the one the model made
                 setattr(c, CACHE_FASTV, record)

@@ -84,8 +84,8 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
 
     The result has an ``attention_mask`` whenever the input had one, rows end up with different lengths, or
     positions is "original" (without a mask transformers would read the gaps in the position ids as the
-    boundaries of packed sequences), and ``index``: (B, L) LongTensor, the column of the full prompt each kept entry came from
-    (-1 at padding).
+    boundaries of packed sequences), and ``index``: (B, L) LongTensor, the column of the full prompt each kept
+    entry came from (-1 at padding).
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")

@@ -124,6 +124,9 @@ def _check(model, state: PruneState) -> None:
     n_layers = len(_lm_layers(model))
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
+    if state.method in IN_LLM and state.selector_kwargs:
+        raise ValueError(f"{state.method} takes no selector signals (it reads the LLM's attention); got "
+                         f"{sorted(state.selector_kwargs)}")
     if state.method == "sparsevlm" and state.budget < tokens_per_image(model):
         from .sparsevlm import schedule
 

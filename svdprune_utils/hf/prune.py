@@ -23,7 +23,7 @@ __all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "IN_LLM", "strateg
 
 # Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
 CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: a CutRecord
-CACHE_FASTV = "_svdprune_fastv"  # in-LLM methods: (((K, kept prompt rows (B, P')) per cut), P, method)
+CACHE_FASTV = "_svdprune_fastv"  # in-LLM: (((K, kept prompt rows (B, P')) per cut), P, method, budget)
 IN_LLM = ("fastv", "sparsevlm")  # the methods that prune inside the language model (:mod:`.fastv`)
 
 
@@ -211,7 +211,9 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
                          f"method={method!r}")
     if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
         img = img.clone()
-        img[:, prompt_len:] = False
+        cached = prompt_len + past - record.length if record is not None else 0  # caller columns in the cache
+        whole = record is None or img.shape[1] > cached  # the whole conversation, or only the uncached tail
+        img[:, prompt_len if whole else 0:] = False
     if not bool(img.any()):
         return None
     if state.budget >= N and state.kept is None and cache_k is None:  # the unpatched run

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = ["LAYERS", "COUNTS", "HEADS_KEPT", "Schedule", "schedule", "sparsevlm_schedule", "raters", "rope_gravity",
@@ -102,7 +103,7 @@ def schedule(budget: int, n_layers: int, n_tokens: int = 576) -> Schedule:
     """The pruning layers and counts that give ``budget`` image tokens per decoder layer on average (the official
     counter) for a decoder of ``n_layers`` layers and ``n_tokens`` image tokens per image.
 
-    * 576 tokens, budget 64/96/128/192, a decoder of more than 16 layers: the official v2.0 layers and table
+    * 576 tokens, budget 64/96/128/192, a decoder of 32 or 40 layers: the official v2.0 layers and table
       (``official=True``), as the official code runs them on the 7B (32 layers: the average is the budget) and the
       13B (40 layers: the same counts, so the average is lower, e.g. 128 -> 114.4).
     * Layers: the official (2, 6, 15) for every decoder of more than 16 layers; a shallower decoder prunes at the
@@ -113,12 +114,17 @@ def schedule(budget: int, n_layers: int, n_tokens: int = 576) -> Schedule:
       each stage dropping at least one token and keeping at least one). The average reached is in
       ``Schedule.average``.
 
-    Raises ValueError when the budget cannot be reached: >= n_tokens (nothing to prune: the unpatched model) is
-    left to the caller; below the average the pruning layers' fixed full-length layers already give."""
-    if n_tokens < 2:
-        raise ValueError(f"sparsevlm needs at least 2 image tokens per image, got {n_tokens}")
+    Raises ValueError for a budget that is not an int in [1, n_tokens) (at n_tokens nothing is pruned: the
+    caller runs the unpatched model), below the average the unpruned first layers already give, or fewer image
+    tokens than the stages need (one more than the number of pruning layers)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget < n_tokens:
+        raise ValueError(f"sparsevlm's budget must be an int in [1, {n_tokens}) (image tokens per layer on average; "
+                         f"{n_tokens} or more prunes nothing), got {budget!r}")
     layers = _layers(n_layers)
-    if n_layers > LAYERS[-1] + 1 and n_tokens == 576 and budget in COUNTS:
+    if n_tokens <= len(layers):
+        raise ValueError(f"sparsevlm drops at least one token at each of its {len(layers)} pruning layers: it needs "
+                         f"more than {len(layers)} image tokens per image, got {n_tokens}")
+    if n_layers in (32, 40) and n_tokens == 576 and budget in COUNTS:
         counts = COUNTS[budget]
         return Schedule(layers, counts, _average(layers, counts, n_tokens, n_layers), True)
     floor = _average(layers, tuple(range(len(layers), 0, -1)), n_tokens, n_layers)
