@@ -126,11 +126,9 @@ def _dataset(args):
 
 def _eval_args(args) -> tuple[list[str], list[int]]:
     """Check every argument of ``eval`` before any work."""
-    from .core.reduction import REDUCERS
-    from .core.selection import SELECTORS
-    from .hf.prune import IN_LLM
+    from .hf.prune import IN_LLM, known_methods
 
-    known = sorted({*SELECTORS, *REDUCERS, *IN_LLM})  # every method patch_llava takes
+    known = known_methods()
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # repeats run once
     bad = [m for m in methods if m not in known]
     if not methods or bad:

@@ -82,15 +82,13 @@ def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_l
     ratio). Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
     import pandas as pd
 
-    from ..core.reduction import REDUCERS
-    from ..core.selection import SELECTORS
-    from ..hf.prune import IN_LLM
+    from ..hf.prune import known_methods
     from ..hf.sparsevlm import schedule
 
     methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in SELECTORS and m not in REDUCERS and m not in IN_LLM]
+    unknown = [m for m in methods if m not in known_methods()]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted({*SELECTORS, *REDUCERS, *IN_LLM})}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known_methods()}")
     bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
     if bad:
         raise ValueError(f"budgets must be ints >= 1, got {bad}")

@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache
 from ..core.selection import select_tokens, top_k
 from . import sparsevlm as svlm
 from .attention import attention_probs, probing
-from .prune import CACHE_CUT, CACHE_FASTV, cache_of, image_token_mask, tokens_per_image
+from .prune import CACHE_CUT, CACHE_FASTV, IN_LLM, cache_of, image_token_mask, tokens_per_image
 
 __all__ = ["FastVCall", "default_layer", "cuts_of", "fastv_pre_hook", "fastv_forward"]
 
@@ -95,9 +95,10 @@ class FastVCall:
     method: str = "fastv"
 
 
-def _images(state, call: FastVCall, B: int, S: int):
+def _images(state, call: FastVCall):
     """(G, img_pos (B*G, n)): images per row and their placeholder positions, image by image."""
     mask, n = call.image_mask, state._n
+    B = mask.shape[0]
     counts = mask.sum(1)
     if bool((counts != counts[0]).any()) or int(counts[0]) % n:
         raise ValueError(
@@ -112,7 +113,7 @@ def _raters(state, call: FastVCall, hidden: torch.Tensor) -> None:
     """SparseVLM, layer 0 of a prompt call: each row's raters (:func:`.sparsevlm.raters`) among its real
     tokens after its first image, from the decoder's input embeddings."""
     B, S, _ = hidden.shape
-    G, img_pos = _images(state, call, B, S)
+    G, img_pos = _images(state, call)
     out = []
     for b in range(B):
         pos = img_pos[b * G:(b + 1) * G].flatten()
@@ -128,8 +129,8 @@ def _select(state, call: FastVCall, hidden, layer_idx: int) -> None:
     """At cut ``layer_idx`` of a prompt call: choose each image's kept tokens among its current ones (from the
     attention the probe read at the layer before, or a stored selection) and append the stage's kept rows."""
     s = len(call.stages)
-    B, S, D = hidden.shape
-    G, img_pos = _images(state, call, B, call.image_mask.shape[1])
+    B, _, D = hidden.shape
+    G, img_pos = _images(state, call)
     prev = call.stages[-1][1] if call.stages else None  # (B, P_{s-1}) current rows, full index space
     if call.image is None:
         call.image = (img_pos, torch.arange(img_pos.shape[1], device=img_pos.device).expand(B * G, -1))
@@ -204,7 +205,7 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
     """Forward pre-hook (``with_kwargs=True``) on decoder layer ``layer_idx``; a no-op unless the patch's method
     prunes inside the LLM ("fastv", "sparsevlm") and a patched forward is running."""
     call = state._call
-    if call is None or state.method not in ("fastv", "sparsevlm"):
+    if call is None or state.method not in IN_LLM:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
     choosing = call.past == 0 and not call.given and call.image_mask is not None and bool(call.image_mask.any())
@@ -288,8 +289,7 @@ def fastv_forward(model, state, orig, kw: dict):
     if call.given:
         call.cuts = tuple(K for K, _ in call.stages)
     else:
-        call.cuts, call.counts = cuts_of(model, state, n) if state.kept is None else ((state.fastv_layer,),
-                                                                                        (state.budget,))
+        call.cuts, call.counts = cuts_of(model, state, n)  # a stored kept set: fastv only (sparsevlm refuses it)
     labels = kw.pop("labels", None)
     as_tuple = kw.get("return_dict") is False
     if labels is not None:

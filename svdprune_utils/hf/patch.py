@@ -61,7 +61,17 @@ from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .fastv import FastVCall, fastv_pre_hook
 from .inputs import POSITIONS
-from .prune import CACHE_CUT, CACHE_FASTV, IN_LLM, Pruned, cache_of, image_token_mask, prune_call, tokens_per_image
+from .prune import (
+    CACHE_CUT,
+    CACHE_FASTV,
+    IN_LLM,
+    Pruned,
+    cache_of,
+    image_token_mask,
+    known_methods,
+    prune_call,
+    tokens_per_image,
+)
 
 __all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
            "image_token_mask"]
@@ -109,7 +119,7 @@ def _lm_layers(model):
 
 def _check(model, state: PruneState) -> None:
     """Validate the knobs (at patch time and at every call, since they are plain attributes)."""
-    if state.method not in SELECTORS and state.method not in REDUCERS and state.method not in IN_LLM:
+    if state.method not in known_methods():
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
                          f"merging: {sorted(REDUCERS)}, inside the LLM: {sorted(IN_LLM)}")
     state.budget = check_budget(state.budget)

@@ -13,18 +13,24 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.reduction import reduce_tokens
-from ..core.selection import default_feature
+from ..core.reduction import REDUCERS, reduce_tokens
+from ..core.selection import SELECTORS, default_feature
 from .inputs import image_runs, keep_image_tokens, kept_features
 from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
 
-__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "IN_LLM", "strategy", "feature_layer", "tokens_per_image",
-           "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of", "prune_call", "pad_id"]
+__all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "IN_LLM", "known_methods", "strategy", "feature_layer",
+           "tokens_per_image", "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of",
+           "prune_call", "pad_id"]
 
 # Attributes set on a cache filled by a pruned prompt, so that a later call continuing it prunes alike:
 CACHE_CUT = "_svdprune_image_tokens"  # pre-LLM methods: a CutRecord
 CACHE_FASTV = "_svdprune_fastv"  # in-LLM: (((K, kept prompt rows (B, P')) per cut), P, method, budget)
 IN_LLM = ("fastv", "sparsevlm")  # the methods that prune inside the language model (:mod:`.fastv`)
+
+
+def known_methods() -> list:
+    """Every method ``patch_llava`` takes: the selectors, the merging methods and the in-LLM ones, sorted."""
+    return sorted({*SELECTORS, *REDUCERS, *IN_LLM})
 
 
 def default_positions(method: str) -> str:

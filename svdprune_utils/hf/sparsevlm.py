@@ -40,6 +40,7 @@ are scored alone, padding is not text; several images per row share the raters a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -120,6 +121,13 @@ def schedule(budget: int, n_layers: int, n_tokens: int = 576) -> Schedule:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget < n_tokens:
         raise ValueError(f"sparsevlm's budget must be an int in [1, {n_tokens}) (image tokens per layer on average; "
                          f"{n_tokens} or more prunes nothing), got {budget!r}")
+    return _schedule(int(budget), int(n_layers), int(n_tokens))
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(budget: int, n_layers: int, n_tokens: int) -> Schedule:
+    """:func:`schedule` for checked arguments; cached, since the patch checks the budget at every call (decode
+    steps included) and a scaled schedule is a search."""
     layers = _layers(n_layers)
     if n_tokens <= len(layers):
         raise ValueError(f"sparsevlm drops at least one token at each of its {len(layers)} pruning layers: it needs "
