@@ -6,6 +6,7 @@ Commands:
     eval         accuracy vs budget for methods × budgets on ShapesVQA (default) or a real VQA set
                  (``--dataset`` local JSON or Hugging Face id), as a table (``--out`` CSV).
     train-tiny   retrain the embedded tiny LLaVA from scratch (CPU by default).
+    testbed-check  does accuracy under pruning measure the selection on a model? (five properties, PASS/FAIL)
     reproduce    execute the notebooks headlessly on copies (the committed notebooks are not touched);
                  figures land in figures/, executed copies in out/notebooks/.
 """
@@ -281,6 +282,35 @@ def _train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _testbed_check(args: argparse.Namespace) -> int:
+    from .testbed import check
+
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+    if args.n < len(check.S.QTYPES):
+        raise UserError(f"--n must be >= {len(check.S.QTYPES)} (one question per type), got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.split not in check.S.SPLIT_IDS:
+        raise UserError(f"--split must be one of {', '.join(check.S.SPLIT_IDS)}, got {args.split!r}")
+    if args.json:
+        parent = pathlib.Path(args.json).expanduser().resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+    model, processor = _load(args.model, args.device, "fp32")
+    if check.tokens_per_image(model) < max(check.ORACLE_BUDGETS) + 1:
+        raise UserError(f"--model {args.model}: {check.tokens_per_image(model)} image tokens; the check needs "
+                        f"more than {max(check.ORACLE_BUDGETS)}")
+    res = check.testbed_check(model, processor, seeds, args.n, args.split, batch_size=args.batch_size)
+    print(check.report(res))
+    if args.json:
+        pathlib.Path(args.json).expanduser().write_text(check.to_json(res))
+        print(f"saved {args.json}")
+    return 0 if all(r["passed"] for r in res) else 1
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse's default adds the usage block)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -373,6 +403,22 @@ def _main(argv: list[str] | None = None) -> int:
     tr.add_argument("--stage1-from", default=None,
                     help="skip stage 1: reuse the vision tower (and stage-1 log rows) of an earlier run's output")
     tr.set_defaults(func=_train_tiny)
+
+    tc = sub.add_parser("testbed-check", help="does accuracy under pruning measure the selection on a model?",
+                        description="Five properties of a pruning testbed on ShapesVQA, every pruned prompt through "
+                                    "the patch: all tokens, one token dropped, an oracle selection at 16-192 tokens, "
+                                    "16 random tokens, FastV keeping one token after layer 2 (thresholds: "
+                                    "svdprune_utils/testbed/check.py). Exit code 0 when every property holds on "
+                                    "every seed, 1 when one fails, 2 on a usage error.")
+    tc.add_argument("--model", default=str(DEFAULT_PATH), help="a local LLaVA model directory (default: the "
+                                                                "embedded tiny model)")
+    tc.add_argument("--seeds", default="0", help="comma-separated ShapesVQA seeds (default 0)")
+    tc.add_argument("--n", type=int, default=180, help="questions per seed, balanced over the types (default 180)")
+    tc.add_argument("--split", default="test", help="ShapesVQA split (default test)")
+    tc.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
+    tc.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    tc.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    tc.set_defaults(func=_testbed_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

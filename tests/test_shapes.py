@@ -193,3 +193,103 @@ def test_question_region_covers_the_question_targets(test_slice):
         assert reg.any() and (s["coverage"].max(0)[reg] > 0).all()
     with pytest.raises(ValueError, match="not a ShapesVQA question"):
         S.question_region(s["objects"], s["coverage"], "what is this ?")
+
+
+# ------------------------------------------------------------------------ the types added for the next testbed
+
+
+def test_the_original_types_render_exactly_the_scenes_the_shipped_model_was_evaluated_on():
+    # sha256 over the first 24 train and test scenes (pixels, question + answer, mask), computed with the shapes.py
+    # of commit 7fd6ac1, before NEW_QTYPES existed: adding types must not move the original random stream
+    import hashlib
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        ds = S.ShapesVQA(split, n=24, seed=0)
+        for i in range(24):
+            s = ds[i]
+            h.update(np.asarray(s["image"]).tobytes())
+            h.update((s["question"] + s["answer"]).encode())
+            h.update(s["mask"].tobytes())
+    assert h.hexdigest() == "a4fd1bbcc58ba44bac54f1da1a09640f9eccf1971446bae3e5f2c81fe66eee5e"
+
+
+@pytest.fixture(scope="module")
+def new_slice():
+    ds = S.ShapesVQA("test", n=160, seed=5, qtypes=S.NEW_QTYPES)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _object_pixels(s, k):
+    return np.asarray(s["image"])[s["idmap"] == k].astype(float)
+
+
+def _nearest_color(rgb):
+    return min(S.COLORS, key=lambda c: np.sum((np.asarray(S.COLORS[c], float) - rgb) ** 2))
+
+
+def test_new_types_are_balanced_and_vocabulary_is_appended():
+    ds = S.ShapesVQA("val", n=400, seed=1, qtypes=S.NEW_QTYPES)
+    from collections import Counter
+    c = Counter((ds[i]["qtype"], ds[i]["answer"]) for i in range(len(ds)))
+    for q in S.NEW_QTYPES:
+        counts = [c[(q, a)] for a in S.ANSWERS[q]]
+        assert sum(counts) == 100 and min(counts) >= 100 / len(counts) * 0.5, (q, counts)
+    assert S.chance_accuracy(S.SceneConfig(qtypes=S.ALL_QTYPES))["overall"] == pytest.approx(
+        np.mean([1 / len(S.ANSWERS[q]) for q in S.ALL_QTYPES]))
+    assert S.question_vocab() == sorted(set(S.question_vocab()))  # the original vocabulary is unchanged
+    assert {"big", "left", "background", "light", "dark"} <= set(S.question_vocab(S.ALL_QTYPES) +
+                                                                 S.answer_vocab(S.ALL_QTYPES))
+    assert not {"big", "left", "background"} & set(S.question_vocab())
+    with pytest.raises(ValueError, match="unknown question types"):
+        S.SceneConfig(qtypes=("twins", "size"))
+
+
+def test_twins_are_identical_and_counted_from_the_pixels(new_slice):
+    for s in (s for s in new_slice if s["qtype"] == "twins"):
+        w = s["question"].split()
+        shape = {p: sh for sh, p in S.PLURALS.items()}[w[3]]
+        twins = [k for k, o in enumerate(s["objects"]) if o.get("color") == w[2] and o.get("shape") == shape]
+        assert str(len(twins)) == s["answer"], s["question"]
+        px = [_object_pixels(s, k) for k in twins]
+        assert all(len(p) == len(px[0]) for p in px)  # same size, same shape: the same number of pixels
+        assert all(np.array_equal(p[0], px[0][0]) and (p == p[0]).all() for p in px)  # one RGB for all twins
+        assert all(_nearest_color(p.mean(0)) == w[2] for p in px)
+        others = [k for k, o in enumerate(s["objects"]) if o["kind"] == "object" and k not in twins]
+        assert all((s["objects"][k]["shape"], s["objects"][k]["color"]) != (s["objects"][twins[0]]["shape"], w[2])
+                   for k in others)
+        assert np.array_equal(s["mask"], (s["coverage"][twins] > 0).any(0))
+
+
+def test_big_object_spans_2x2_patches_and_its_color_is_the_answer(new_slice):
+    for s in (s for s in new_slice if s["qtype"] == "big"):
+        big = [k for k, o in enumerate(s["objects"]) if o.get("cells") == 2]
+        assert len(big) == 1
+        k = big[0]
+        assert _nearest_color(_object_pixels(s, k).mean(0)) == s["answer"]
+        rows, cols = np.nonzero(s["mask"])
+        assert s["mask"].sum() == 4 and np.ptp(rows) == 1 and np.ptp(cols) == 1  # a 2×2 block of patches
+        extent = [np.ptp(np.nonzero(s["idmap"] == j), axis=1).max() + 1 for j in range(len(s["objects"]))]
+        assert extent[k] >= 20 and all(e <= 12 for j, e in enumerate(extent)
+                                       if s["objects"][j]["kind"] == "object" and j != k)
+
+
+def test_relation_is_read_off_the_drawn_pixels(new_slice):
+    n = 0
+    for s in (s for s in new_slice if s["qtype"] == "relation"):
+        w = s["question"].split()  # is the C1 S1 left of the C2 S2 ?
+        a = next(k for k, o in enumerate(s["objects"]) if o.get("color") == w[2] and o.get("shape") == w[3])
+        b = next(k for k, o in enumerate(s["objects"]) if o.get("color") == w[7] and o.get("shape") == w[8])
+        assert sum(o.get("color") == w[2] and o.get("shape") == w[3] for o in s["objects"]) == 1
+        xa, xb = np.nonzero(s["idmap"] == a)[1], np.nonzero(s["idmap"] == b)[1]
+        assert s["answer"] == ("yes" if xa.max() < xb.min() else "no")
+        assert xa.max() < xb.min() or xb.max() < xa.min()
+        assert np.array_equal(s["mask"], (s["coverage"][[a, b]] > 0).any(0))
+        n += 1
+    assert n == 40
+
+
+def test_background_tone_and_region(new_slice):
+    for s in (s for s in new_slice if s["qtype"] == "background"):
+        bg = np.asarray(s["image"])[s["idmap"] == -1].astype(float).mean()
+        assert (bg > 150) == (s["answer"] == "light"), bg
+        assert np.array_equal(s["mask"], ~(s["coverage"] > 0).any(0)) and s["mask"].sum() > 500

@@ -31,6 +31,19 @@ quadrant     where is the {color} {shape} ?         ``QUADRANTS``       that obj
 digit        what digit is on the card ?            ``DIGITS``          the card
 ===========  =====================================  ==================  ==========================
 
+``NEW_QTYPES``, for a testbed where leverage is not favoured by construction (opt-in with
+``qtypes=ALL_QTYPES``; ``_try_sample_new``):
+
+===========  =====================================  ==================  ==========================
+twins        how many {color} {shape}s are there ?  ``COUNTS``          the 1-3 identical objects
+big          what color is the big object ?         ``COLORS``          its 2×2 patches
+relation     is the {c1} {s1} left of the {c2}      yes / no            both objects
+             {s2} ?
+background   is the background light or dark ?      light / dark        every patch no object
+                                                                        touches (a global question:
+                                                                        ``GLOBAL_QTYPES``)
+===========  =====================================  ==================  ==========================
+
 Determinism: sample ``i`` of ``ShapesVQA(split, seed=s)`` is drawn from
 ``np.random.default_rng([s, SPLIT_IDS[split], i])`` alone, so any index renders the same scene on any
 machine, in any order, without global seeding; splits never share a generator stream. The train split
@@ -62,6 +75,12 @@ QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 COUNTS = ("1", "2", "3")
 DIGITS = ("1", "2", "3", "4")
 QTYPES = ("color", "shape", "exist", "count", "quadrant", "digit")
+NEW_QTYPES = ("twins", "big", "relation", "background")
+"""Types where leverage is not favoured by construction (opt-in: ``SceneConfig(qtypes=ALL_QTYPES)``; the default
+``QTYPES`` keep the scenes the shipped model was trained and evaluated on)."""
+ALL_QTYPES = QTYPES + NEW_QTYPES
+TONES = ("light", "dark")
+TONE_LEVELS = {"light": (170.0, 205.0), "dark": (95.0, 130.0)}  # background grey level of a "background" scene
 ANSWERS = {
     "color": tuple(COLORS),
     "shape": SHAPES,
@@ -69,6 +88,10 @@ ANSWERS = {
     "count": COUNTS,
     "quadrant": QUADRANTS,
     "digit": DIGITS,
+    "twins": COUNTS,
+    "big": tuple(COLORS),
+    "relation": ("yes", "no"),
+    "background": TONES,
 }
 TEMPLATES = {
     "color": "what color is the {shape} ?",
@@ -77,8 +100,13 @@ TEMPLATES = {
     "count": "how many {plural} are there ?",
     "quadrant": "where is the {color} {shape} ?",
     "digit": "what digit is on the card ?",
+    "twins": "how many {color} {plural} are there ?",
+    "big": "what color is the big object ?",
+    "relation": "is the {color} {shape} left of the {color2} {shape2} ?",
+    "background": "is the background light or dark ?",
 }
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+GLOBAL_QTYPES: tuple[str, ...] = ("background",)  # answerable from any tokens by design (testbed-check: apart)
 
 # 5×7 bitmap glyphs (drawn at scale 2: 10×14 px), so rendering depends on no font file.
 _GLYPHS = {
@@ -121,9 +149,9 @@ class SceneConfig:
         if self.align and self.max_size + 2 * self.jitter > PATCH - 1:  # PIL fills the end pixel too
             raise ValueError(f"align=True draws each object inside one {PATCH}-px cell: need "
                              f"max_size + 2*jitter <= {PATCH - 1}, got {self.max_size} + 2*{self.jitter}")
-        bad = set(self.qtypes) - set(QTYPES)
+        bad = set(self.qtypes) - set(ALL_QTYPES)
         if bad or not self.qtypes:
-            raise ValueError(f"unknown question types {sorted(bad)}; choose from {QTYPES}")
+            raise ValueError(f"unknown question types {sorted(bad)}; choose from {ALL_QTYPES}")
 
 
 EASY = SceneConfig(min_objects=1, max_objects=3, clutter=0.3)
@@ -139,16 +167,16 @@ def chance_accuracy(config: SceneConfig = SceneConfig()) -> dict[str, float]:
     return out
 
 
-def answer_vocab() -> list[str]:
-    """All answer words, sorted, without duplicates."""
-    return sorted({a for q in QTYPES for a in ANSWERS[q]})
+def answer_vocab(qtypes: Sequence[str] = QTYPES) -> list[str]:
+    """All answer words of ``qtypes``, sorted, without duplicates."""
+    return sorted({a for q in qtypes for a in ANSWERS[q]})
 
 
-def question_vocab() -> list[str]:
-    """All words that can occur in a question."""
+def question_vocab(qtypes: Sequence[str] = QTYPES) -> list[str]:
+    """All words that can occur in a question of ``qtypes``, sorted."""
     words = set()
-    for t in TEMPLATES.values():
-        words.update(w for w in t.split() if "{" not in w)
+    for q in qtypes:
+        words.update(w for w in TEMPLATES[q].split() if "{" not in w)
     words.update(SHAPES, COLORS, PLURALS.values())
     return sorted(words)
 
@@ -196,8 +224,11 @@ def _place(rng, cfg, size, boxes, quadrant=None, tries=300):
     return None
 
 
-def _background(rng: np.random.Generator, cfg: SceneConfig) -> Image.Image:
+def _background(rng: np.random.Generator, cfg: SceneConfig, tone: str | None = None) -> Image.Image:
     g = rng.uniform(120, 200)
+    if tone is not None:  # a "background" scene: the grey level is mapped into its tone's range
+        lo, hi = TONE_LEVELS[tone]
+        g = lo + (g - 120) / 80 * (hi - lo)
     tint = rng.uniform(-8, 8, size=3)
     t = (np.arange(IMAGE_SIZE, dtype=np.float32) / IMAGE_SIZE - 0.5)
     a, b = rng.uniform(-25, 25, size=2)
@@ -249,17 +280,19 @@ def _draw_card(im, idmap, box, digit, idx, rng):
     return Image.fromarray(arr)
 
 
-def render_scene(rng: np.random.Generator, objects: list[dict], cfg: SceneConfig):
-    """Draw ``objects`` (dicts with shape/color/box or kind="card"/digit/box) on a fresh background.
+def render_scene(rng: np.random.Generator, objects: list[dict], cfg: SceneConfig, tone: str | None = None):
+    """Draw ``objects`` (dicts with shape/color/box or kind="card"/digit/box) on a fresh background (``tone``:
+    "light"/"dark" maps its grey level into ``TONE_LEVELS``). An object's colour is its ``COLORS`` entry with a
+    random ±15 jitter per channel, or its ``rgb`` when given (identical twins).
     Returns (PIL image, (336, 336) int16 id map: object index or -1 for background)."""
-    im = _background(rng, cfg)
+    im = _background(rng, cfg, tone)
     idmap = Image.new("I", (IMAGE_SIZE, IMAGE_SIZE), 0)
     for i, o in enumerate(objects):
         if o["kind"] == "card":
             im = _draw_card(im, idmap, o["box"], o["digit"], i, rng)
             continue
         jit = rng.integers(-15, 16, size=3)
-        rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[o["color"]], jit))
+        rgb = o.get("rgb") or tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[o["color"]], jit))
         _draw_shape([ImageDraw.Draw(im), ImageDraw.Draw(idmap)], o["shape"], o["box"], [rgb, i + 1])
     return im, np.asarray(idmap, dtype=np.int32).astype(np.int16) - 1
 
@@ -296,6 +329,8 @@ def make_sample(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(), qtyp
 
 def _try_sample(rng, cfg, qtype):
     qtype = qtype or _pick(rng, cfg.qtypes)
+    if qtype in NEW_QTYPES:
+        return _try_sample_new(rng, cfg, qtype)
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     pairs = [(s, c) for s in SHAPES for c in COLORS]
     shape, color = _pick(rng, SHAPES), _pick(rng, tuple(COLORS))
@@ -367,6 +402,112 @@ def _try_sample(rng, cfg, qtype):
                 coverage=cov, idmap=idmap)
 
 
+def _try_sample_new(rng, cfg, qtype):
+    """A sample of one of ``NEW_QTYPES`` (the six original types keep ``_try_sample``'s random stream):
+
+    - twins: k = 1-3 *identical* objects (same shape, colour, size and RGB) among others that are not that pair;
+      region: the k twins. Identical tokens share (split) their leverage.
+    - big: one object over 2×2 cells (22-25 px, centred on the corner the four cells share); region: its 4 patches.
+    - relation: two distinct colour-shape pairs in different columns; "is A left of B ?" is answered by their drawn
+      pixels; region: both objects.
+    - background: "light" or "dark" grey (``TONE_LEVELS``); region: every patch no object or card touches.
+    """
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    pairs = [(sh, c) for sh in SHAPES for c in COLORS]
+    shape, color = _pick(rng, SHAPES), _pick(rng, tuple(COLORS))
+    specs, allowed, tone, big = [], pairs, None, None  # specs: (shape, color, is_target)
+    if qtype == "twins":
+        k = int(_pick(rng, COUNTS))
+        specs = [(shape, color, True)] * k
+        allowed = [p for p in pairs if p != (shape, color)]
+        answer = str(k)
+    elif qtype == "big":
+        big = (shape, color)
+        answer = color
+    elif qtype == "relation":
+        other = _pick(rng, [p for p in pairs if p != (shape, color)])
+        specs = [(shape, color, True), (other[0], other[1], True)]
+        allowed = [p for p in pairs if p not in ((shape, color), other)]
+        answer = None  # read off the drawn pixels below
+    elif qtype == "background":
+        tone = answer = _pick(rng, TONES)
+    else:
+        raise ValueError(f"unknown qtype {qtype!r}")
+    n = max(n, len(specs))
+    specs += [(*_pick(rng, allowed), False) for _ in range(n - len(specs))]
+    twin_size = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+    twin_rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], rng.integers(-15, 16, size=3)))
+
+    def box_at(xy, side):
+        return (xy[0] - side / 2, xy[1] - side / 2, xy[0] + side / 2, xy[1] + side / 2)
+
+    objects, boxes = [], []
+    side = 3 * PATCH if cfg.align else int(rng.integers(cfg.card_size[0], cfg.card_size[1] + 1))
+    xy = _place(rng, cfg, side, boxes)
+    if xy is None:
+        return None
+    objects.append(dict(kind="card", digit=_pick(rng, DIGITS), box=box_at(xy, side - 2 if cfg.align else side),
+                        target=False))
+    boxes.append(box_at(xy, side))
+    if big is not None:  # 2×2 cells: a centre on a cell corner (aligned) or twice the largest object
+        if cfg.align:
+            for _ in range(300):
+                r, c = rng.integers(1, GRID, size=2)
+                b = box_at((c * PATCH, r * PATCH), 2 * PATCH)
+                if all(b[2] + 3 < o[0] or o[2] + 3 < b[0] or b[3] + 3 < o[1] or o[3] + 3 < b[1] for o in boxes):
+                    xy = (float(c * PATCH), float(r * PATCH))
+                    break
+            else:
+                return None
+        else:
+            xy = _place(rng, cfg, 2 * cfg.max_size + 2, boxes)
+            if xy is None:
+                return None
+        size = int(rng.integers(2 * PATCH - 6, 2 * PATCH - 2)) if cfg.align else 2 * cfg.max_size + 2
+        boxes.append(box_at(xy, 2 * PATCH if cfg.align else size))
+        objects.append(dict(kind="object", shape=big[0], color=big[1], box=box_at(xy, size), target=True, cells=2))
+    for sh, c, is_target in specs:
+        twin = qtype == "twins" and is_target
+        size = twin_size if twin else int(rng.integers(cfg.min_size, cfg.max_size + 1))
+        xy = _place(rng, cfg, PATCH if cfg.align else size, boxes)
+        if xy is None:
+            return None
+        boxes.append(box_at(xy, PATCH if cfg.align else size))
+        if cfg.align:
+            xy = xy + rng.integers(-cfg.jitter, cfg.jitter + 1, size=2)
+        o = dict(kind="object", shape=sh, color=c, box=box_at(xy, size), target=is_target)
+        if twin:
+            o["rgb"] = twin_rgb
+        objects.append(o)
+    if qtype == "relation":  # name the pair so that the answer is yes or no with equal probability
+        a, b = (o for o in objects if o["target"])
+        if abs((a["box"][0] + a["box"][2]) - (b["box"][0] + b["box"][2])) < PATCH:
+            return None  # same column: "left of" would be ambiguous
+        answer = _pick(rng, ("yes", "no"))
+        left, right = sorted((a, b), key=lambda o: o["box"][0] + o["box"][2])
+        first, second = (left, right) if answer == "yes" else (right, left)
+    order = rng.permutation(len(objects))
+    objects = [objects[i] for i in order]
+    image, idmap = render_scene(rng, objects, cfg, tone)
+    cov = patch_coverage(idmap, len(objects)).astype(np.float32)
+    if qtype == "relation":
+        ia, ib = (next(i for i, o in enumerate(objects) if o is x) for x in (first, second))
+        xa, xb = (np.nonzero(idmap == i)[1] for i in (ia, ib))
+        if not (xa.max() < xb.min() or xb.max() < xa.min()):
+            return None  # drawn pixels overlap in x
+        if (xa.max() < xb.min()) != (answer == "yes"):
+            return None
+        q = TEMPLATES[qtype].format(color=first["color"], shape=first["shape"], color2=second["color"],
+                                    shape2=second["shape"])
+    elif qtype == "twins":
+        q = TEMPLATES[qtype].format(color=color, plural=PLURALS[shape])
+    else:
+        q = TEMPLATES[qtype]
+    mask = question_region(objects, cov, q)
+    return dict(image=image, question=q, answer=answer, qtype=qtype, mask=mask, objects=objects,
+                coverage=cov, idmap=idmap)
+
+
 def _quadrant_of(idmap: np.ndarray, k: int) -> str | None:
     """The quadrant holding every drawn pixel of object ``k`` ("top-left", ...), None when it straddles a midline."""
     ys, xs = np.nonzero(idmap == k)
@@ -410,23 +551,33 @@ def question_region(objects: list[dict], coverage: np.ndarray, question: str) ->
     """(24, 24) bool answer region of ``question`` (one of ``TEMPLATES``) on a scene: the patches of
     the objects the question is about — the named object (colour, shape, quadrant, existence "yes"),
     every object of the named shape (count), every coloured object when the named pair is absent
-    (existence "no"), the card (digit). For a sample's own question this is its ``mask``."""
+    (existence "no"), the card (digit); the twins (twins), the 2×2-cell object (big), both named objects
+    (relation), every patch no object touches (background). For a sample's own question this is its ``mask``."""
     w = question.split()
     objs = [k for k, o in enumerate(objects) if o["kind"] == "object"]
     has = lambda k, **kv: all(objects[k][a] == b for a, b in kv.items())  # noqa: E731
     if question == TEMPLATES["digit"]:
         idx = [k for k, o in enumerate(objects) if o["kind"] == "card"]
+    elif question == TEMPLATES["big"]:
+        idx = [k for k in objs if objects[k].get("cells", 1) > 1]
     elif w[:2] == ["what", "color"]:
         idx = [k for k in objs if has(k, shape=w[4])]
     elif w[:2] == ["what", "shape"]:
         idx = [k for k in objs if has(k, color=w[4])]
     elif w[:2] == ["is", "there"]:
         idx = [k for k in objs if has(k, color=w[3], shape=w[4])] or objs
+    elif w[:2] == ["how", "many"] and len(w) == 7:  # twins: "how many red circles are there ?"
+        single = {p: s for s, p in PLURALS.items()}
+        idx = [k for k in objs if has(k, color=w[2], shape=single.get(w[3]))]
     elif w[:2] == ["how", "many"]:
         single = {p: s for s, p in PLURALS.items()}
         idx = [k for k in objs if has(k, shape=single.get(w[2]))]
     elif w[:2] == ["where", "is"]:
         idx = [k for k in objs if has(k, color=w[3], shape=w[4])]
+    elif question == TEMPLATES["background"]:
+        return ~(coverage > 0).any(0) if len(coverage) else np.ones((GRID, GRID), bool)
+    elif w[:2] == ["is", "the"] and w[5:7] == ["of", "the"]:  # relation
+        idx = [k for k in objs if has(k, color=w[2], shape=w[3]) or has(k, color=w[7], shape=w[8])]
     else:
         raise ValueError(f"not a ShapesVQA question: {question!r}")
     return (coverage[idx] > 0).any(0) if idx else np.zeros((GRID, GRID), bool)
