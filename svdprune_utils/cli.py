@@ -273,6 +273,23 @@ def _train_tiny(args: argparse.Namespace) -> int:
         raise UserError(f"--stage1-from {args.stage1_from}: path not found")
     over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_images=args.stage2_images,
                                   stage2_steps=args.stage2_steps).items() if v is not None}
+    if args.recipe == "v2":
+        from dataclasses import replace
+
+        from .testbed.train_v2 import RecipeV2, train_v2
+
+        if args.stage1_from is not None or args.device != "cpu":
+            raise UserError("--recipe v2 trains on the CPU from scratch (resume by rerunning the same command); "
+                            "--stage1-from and --device are v1 options")
+        res = train_v2(args.out, seed=args.seed, recipe=replace(RecipeV2(), **over), time_budget=args.time_budget)
+        if "stopped" in res:
+            print(f"stopped by --time-budget at stage {res['stage']} step {res['step']}; rerun the same command to "
+                  f"continue from {args.out}/train_state.pt")
+            return 0
+        print("validation accuracy:", {k: v for k, v in res.items() if k.startswith("val_")})
+        print(f"saved to {args.out} (log: train_log.csv, recipe: recipe.json); check it with "
+              f"python -m svdprune_utils testbed-check --model {args.out}")
+        return 0
     res = train_tiny(out_dir=args.out, seed=args.seed, device=args.device, workers=args.workers,
                      time_budget=args.time_budget, stage1_from=args.stage1_from, **over)
     print("validation accuracy:", {k: round(v, 3) for k, v in res.items()})
@@ -289,8 +306,8 @@ def _testbed_check(args: argparse.Namespace) -> int:
         seeds = [int(v) for v in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
-    if args.n < len(check.S.QTYPES):
-        raise UserError(f"--n must be >= {len(check.S.QTYPES)} (one question per type), got {args.n}")
+    if args.n < len(check.S.ALL_QTYPES):
+        raise UserError(f"--n must be >= {len(check.S.ALL_QTYPES)} (one question per type), got {args.n}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.split not in check.S.SPLIT_IDS:
@@ -393,13 +410,18 @@ def _main(argv: list[str] | None = None) -> int:
                     help=f"output directory (default {TRAIN_PATH.relative_to(REPO)}; the shipped model in "
                          f"{DEFAULT_PATH.relative_to(REPO)} is only replaced when named here)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--recipe", choices=("v1", "v2"), default="v1",
+                    help="v1: the shipped model's recipe (testbed/tiny.py); v2: six decoder layers trained on "
+                         "pruned prompts and ten question types (testbed/train_v2.py), resumable: rerun the same "
+                         "command after an interruption")
     tr.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
     tr.add_argument("--workers", type=int, default=1, help="DataLoader processes rendering scenes")
     tr.add_argument("--stage1-samples", type=int, default=None, help="images for stage 1 (default: recipe)")
     tr.add_argument("--stage2-images", type=int, default=None, help="scenes in the stage-2 pool (default: recipe)")
     tr.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps (default: recipe)")
     tr.add_argument("--time-budget", type=float, default=None,
-                    help="seconds; ends stage 2 early once the run has taken this long")
+                    help="seconds; v1: ends stage 2 early once the run has taken this long; v2: stops at the next "
+                         "checkpoint after this long (rerun to continue)")
     tr.add_argument("--stage1-from", default=None,
                     help="skip stage 1: reuse the vision tower (and stage-1 log rows) of an earlier run's output")
     tr.set_defaults(func=_train_tiny)

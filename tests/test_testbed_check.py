@@ -114,7 +114,7 @@ def test_check_on_the_shipped_model_shows_its_known_failures(shipped):
 
 @pytest.mark.parametrize(("argv", "msg"), [
     (["--seeds", "0,a"], "--seeds must be integers"),
-    (["--n", "5"], "--n must be >= 6"),
+    (["--n", "9"], "--n must be >= 10"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--split", "dev"], "--split must be one of train, val, test"),
     (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: directory"),
@@ -128,9 +128,17 @@ def test_cli_errors_are_one_line_with_exit_code_2(capsys, argv, msg):
 
 def test_cli_reports_and_writes_json(tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert cli(["testbed-check", "--n", "6", "--seeds", "0,1", "--json", str(out)]) == 1  # FastV fails on it
+    assert cli(["testbed-check", "--n", "10", "--seeds", "0,1", "--json", str(out)]) == 1  # FastV fails on it
     text = capsys.readouterr().out
     assert text.count("seed ") >= 2 and "fastv 1 token after layer 2" in text and "some properties fail" in text
     data = json.loads(out.read_text())
-    assert [d["seed"] for d in data] == [0, 1] and all(len(d["questions"]) == 6 for d in data)
+    assert [d["seed"] for d in data] == [0, 1] and all(len(d["questions"]) == 10 for d in data)
     assert set(data[0]) >= {"full", "drop_one", "oracle", "random", "fastv", "passed"}
+
+
+def test_question_types_follow_the_vocabulary(shipped, tmp_path):
+    _, processor = shipped
+    assert check.readable_qtypes(processor) == S.QTYPES  # the shipped model's tokenizer predates the new types
+    tiny.build_processor().save_pretrained(tmp_path)
+    from transformers import AutoProcessor
+    assert check.readable_qtypes(AutoProcessor.from_pretrained(tmp_path)) == S.ALL_QTYPES

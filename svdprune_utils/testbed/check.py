@@ -99,7 +99,7 @@ def monotone(accs: Sequence[float], slack: float = MONOTONE_SLACK) -> bool:
 
 def full_passes(acc: dict) -> bool:
     """Overall >= FULL_MIN and every question type >= TYPE_MIN (``acc``: :func:`_acc`'s dict)."""
-    return bool(acc["overall"] >= FULL_MIN - 1e-9 and all(acc[q] >= TYPE_MIN - 1e-9 for q in acc if q in S.QTYPES))
+    return bool(acc["overall"] >= FULL_MIN - 1e-9 and all(acc[q] >= TYPE_MIN - 1e-9 for q in acc if q in S.ALL_QTYPES))
 
 
 def _acc(pred, items, which=None) -> dict:
@@ -117,16 +117,26 @@ def _chance(items) -> float:
     return float(np.mean([1.0 / len(S.ANSWERS[it["qtype"]]) for it in items])) if items else float("nan")
 
 
+def readable_qtypes(processor) -> tuple:
+    """``shapes.ALL_QTYPES`` when the processor's tokenizer knows every word of the new types' questions and
+    answers, else the original ``shapes.QTYPES`` (the shipped v1 model)."""
+    tok = getattr(processor, "tokenizer", processor)
+    words = set(S.question_vocab(S.ALL_QTYPES) + S.answer_vocab(S.ALL_QTYPES))
+    unk = tok.unk_token_id
+    known = all(tok.convert_tokens_to_ids(w) not in (None, unk) for w in words)
+    return S.ALL_QTYPES if known else S.QTYPES
+
+
 def check_seed(model, processor, seed: int = 0, n: int = 180, split: str = "test", *, prompt: str | None = None,
-               batch_size: int = 32, progress: bool = True) -> dict:
+               batch_size: int = 32, progress: bool = True, qtypes=None) -> dict:
     """The five properties on ``n`` balanced ShapesVQA questions of ``split`` drawn with ``seed`` (see the module
-    docstring); returns a dict of measurements and ``passed`` flags per property, and under ``questions`` every
+    docstring), of the types ``qtypes`` (None: every type the model's vocabulary reads, :func:`readable_qtypes`); returns a dict of measurements and ``passed`` flags per property, and under ``questions`` every
     question's answer and prediction per property (``oracle_<budget>``: None where its region does not fit)."""
     from .tiny import PROMPT
 
     prompt = prompt or PROMPT
     N = tokens_per_image(model)
-    items = [it for it in S.ShapesVQA(split, n=n, seed=seed)]
+    items = [it for it in S.ShapesVQA(split, n=n, seed=seed, qtypes=qtypes or readable_qtypes(processor))]
     bar = tqdm(total=4 + len(ORACLE_BUDGETS), desc=f"testbed-check seed {seed}", disable=not progress)
 
     def run(**kw):
@@ -196,7 +206,7 @@ def testbed_check(model, processor, seeds: Sequence[int] = (0,), n: int = 180, s
 
 
 def _types(d: dict) -> str:
-    return ", ".join(f"{q} {v:.2f}" for q, v in d.items() if q in S.QTYPES)
+    return ", ".join(f"{q} {v:.2f}" for q, v in d.items() if q in S.ALL_QTYPES)
 
 
 def report(results: Sequence[dict]) -> str:

@@ -544,6 +544,26 @@ def scene_questions(objects: list[dict], idmap: np.ndarray) -> dict[str, list[tu
             if quad:
                 out["quadrant"].append((TEMPLATES["quadrant"].format(color=color, shape=shape), quad))
     out["digit"] = [(TEMPLATES["digit"], o["digit"]) for o in objects if o["kind"] == "card"]
+    # the new types, where the scene defines them: twins (1-3 objects of a pair; identical when the scene drew
+    # them so), big (a 2x2-cell object), relation (two unique pairs whose drawn pixels do not overlap in x)
+    out["twins"], out["big"], out["relation"], out["background"] = [], [], [], []
+    for shape in SHAPES:
+        for color in COLORS:
+            of = [o for o in objs if o["shape"] == shape and o["color"] == color and o.get("cells", 1) == 1]
+            if str(len(of)) in COUNTS and len(of) == len([o for o in objs if (o["shape"], o["color"]) ==
+                                                          (shape, color)]):
+                out["twins"].append((TEMPLATES["twins"].format(color=color, plural=PLURALS[shape]), str(len(of))))
+    out["big"] = [(TEMPLATES["big"], o["color"]) for o in objs if o.get("cells", 1) > 1]
+    unique = [k for k, o in enumerate(objects) if o["kind"] == "object" and o.get("cells", 1) == 1 and
+              sum((p["shape"], p["color"]) == (o["shape"], o["color"]) for p in objs) == 1]
+    xs = {k: np.nonzero(idmap == k)[1] for k in unique}
+    for a in unique:
+        for b in unique:
+            if a != b and (xs[a].max() < xs[b].min() or xs[b].max() < xs[a].min()):
+                oa, ob = objects[a], objects[b]
+                q = TEMPLATES["relation"].format(color=oa["color"], shape=oa["shape"], color2=ob["color"],
+                                                 shape2=ob["shape"])
+                out["relation"].append((q, "yes" if xs[a].max() < xs[b].min() else "no"))
     return out
 
 
@@ -583,16 +603,16 @@ def question_region(objects: list[dict], coverage: np.ndarray, question: str) ->
     return (coverage[idx] > 0).any(0) if idx else np.zeros((GRID, GRID), bool)
 
 
-def extra_turns(sample: dict, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+def extra_turns(sample: dict, rng: np.random.Generator, n: int, qtypes: Sequence[str] = QTYPES) -> list[tuple[str, str]]:
     """Up to ``n`` more (question, answer) turns about ``sample``'s scene, drawn from ``rng``: rounds
-    over the question types in random order, one new question of each type per round (existence:
+    over the question types ``qtypes`` in random order, one new question of each type per round (existence:
     yes or no with equal probability when both are left), never repeating a question (nor the
     sample's own)."""
     qs = scene_questions(sample["objects"], sample["idmap"])
     asked, turns = {sample["question"]}, []
     while len(turns) < n:
         added = False
-        for qt in rng.permutation(list(QTYPES)):
+        for qt in rng.permutation(list(qtypes)):
             cand = [qa for qa in qs[qt] if qa[0] not in asked]
             if qt == "exist" and cand:
                 by = {a: [qa for qa in cand if qa[1] == a] for a in ("yes", "no")}

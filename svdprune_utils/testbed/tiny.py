@@ -69,8 +69,10 @@ def auto_device(device: str = "auto") -> torch.device:
 
 
 def vocab() -> dict[str, int]:
-    """Word-level vocabulary: specials, prompt words, question words, answers."""
+    """Word-level vocabulary: specials, prompt words, question words, answers of ``shapes.QTYPES``, then the words
+    only ``shapes.NEW_QTYPES`` use (appended, so that every original word keeps the id the shipped model reads)."""
     words = SPECIAL + ["USER:", "ASSISTANT:"] + S.question_vocab() + S.answer_vocab()
+    words += S.question_vocab(S.ALL_QTYPES) + S.answer_vocab(S.ALL_QTYPES)
     out: dict[str, int] = {}
     for w in words:
         out.setdefault(w, len(out))
@@ -280,7 +282,7 @@ def accuracy(model, samples, budget: int | None = None, seed: int = 0, batch_siz
 def _per_type(correct, qtypes) -> dict[str, float]:
     """Mean of the bools ``correct`` per question type present in ``qtypes`` (in ``QTYPES`` order), and "overall"."""
     ok, qt = np.asarray(correct, dtype=bool), np.asarray(qtypes)
-    res = {q: float(ok[qt == q].mean()) for q in S.QTYPES if (qt == q).any()}
+    res = {q: float(ok[qt == q].mean()) for q in S.ALL_QTYPES if (qt == q).any()}
     res["overall"] = float(ok.mean())
     return res
 

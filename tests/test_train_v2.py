@@ -1,0 +1,145 @@
+"""Recipe v2 of the tiny LLaVA: rows stand for prompts pruned by the patch (compact positions), the budget
+emulation's arithmetic, balanced rows, the dense targets, and resuming an interrupted run bit-identically."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from svdprune_utils.testbed import shapes as S
+from svdprune_utils.testbed import tiny as T
+from svdprune_utils.testbed import train_v2 as V
+
+V_ = T.vocab()
+IMG, PAD = V_["<image>"], V_["<pad>"]
+
+
+def _row(q="what color is the circle ?", a="red"):
+    ids, mask, labels = T._rows([(q, a)], key_words=True)
+    return ids[0], mask[0], labels[0]
+
+
+def test_a_row_at_a_small_budget_is_the_prompt_with_that_many_placeholders():
+    ids, mask, labels = _row()
+    kept = np.array([3, 50, 51, 200, 575])
+    covered = np.zeros(576, bool)
+    r_ids, r_pos, r_lab, bias, index = V.row_inputs(ids, mask, labels, kept, kept, covered, IMG, PAD, weight=True)
+    ref_ids, _ = T.encode_ids(["what color is the circle ?"], ["red"], n_image=5)
+    assert torch.equal(r_ids, ref_ids[0]) and torch.equal(r_pos, torch.arange(len(r_ids)))
+    assert torch.equal(bias, torch.zeros(len(r_ids))) and torch.equal(index, torch.as_tensor(kept))
+    lab = torch.full_like(r_ids, -100)
+    ans = (r_ids == V_["red"]).nonzero()[0, 0]
+    assert r_lab[ans] == V_["red"] and r_lab[ans + 1] == V_["</s>"]  # the answer (and </s>) labelled
+    key = (r_ids == V_["circle"]).nonzero()[0, 0]
+    assert r_lab[key + 1] == V_["red"]  # key-word label: the answer also predicted after the last key word
+    assert int((r_lab != -100).sum()) == 3 and lab.shape == r_lab.shape
+
+
+def test_a_row_standing_for_a_larger_budget_has_its_positions_and_background_weights():
+    ids, mask, labels = _row()
+    B = 100
+    rng = np.random.default_rng(0)
+    covered = np.zeros(576, bool)
+    covered[[10, 11, 300]] = True
+    region = np.zeros(576, bool)
+    region[300] = True
+    kept, present = V.row_subsets(rng, region, covered, B, 32)
+    assert len(kept) == B and len(present) == 32 and set(present) <= set(kept) and {10, 11, 300} <= set(present)
+    r_ids, r_pos, _, bias, index = V.row_inputs(ids, mask, labels, kept, present, covered, IMG, PAD, weight=True)
+    p0 = int((ids == IMG).nonzero()[0])  # the first placeholder's position (no padding in a single row)
+    img = r_ids == IMG
+    rank = np.searchsorted(kept, present)
+    assert torch.equal(r_pos[img], torch.as_tensor(p0 + rank))  # each present token at its place among the B
+    n_text_after = int(len(ids) - p0 - 576)
+    assert torch.equal(r_pos[-n_text_after:], torch.arange(p0 + B, p0 + B + n_text_after))
+    assert torch.equal(r_pos[:p0], torch.arange(p0))
+    w = math.log((B - 3) / (32 - 3))  # background tokens at B / present
+    expect = torch.as_tensor(np.where(covered[present], 0.0, w), dtype=torch.float32)
+    assert torch.allclose(bias[img], expect) and torch.all(bias[~img] == 0)
+    _, _, _, bias0, _ = V.row_inputs(ids, mask, labels, kept, present, covered, IMG, PAD, weight=False)
+    assert torch.all(bias0 == 0)
+    assert torch.equal(index, torch.as_tensor(present))
+
+
+def test_row_subsets_keep_the_region_and_draw_at_random():
+    region = np.zeros(576, bool)
+    region[[5, 6, 7]] = True
+    covered = region.copy()
+    covered[[100, 101]] = True
+    for b in (3, 16, 31, 32, 64, 575, 576):
+        kept, present = V.row_subsets(np.random.default_rng(b), region, covered, b, 32)
+        assert len(kept) == b and len(present) == min(b, 32) and {5, 6, 7} <= set(present)
+        if b >= 32:
+            assert {100, 101} <= set(present)
+    big = np.ones(576, bool)  # a region larger than the present tokens (background): random tokens of it
+    kept, present = V.row_subsets(np.random.default_rng(0), big, covered, 16, 32)
+    assert len(present) == 16
+    firsts = [V.row_subsets(np.random.default_rng(i), region, covered, 8, 32)[1] for i in range(200)]
+    others = np.concatenate([f[~np.isin(f, [5, 6, 7])] for f in firsts])
+    assert len(np.unique(others)) > 300  # the fill is spread over the image, not a fixed choice
+
+
+def test_budgets_follow_the_recipe():
+    r = V.RecipeV2(full_fraction=0.25)
+    rng = np.random.default_rng(0)
+    b = np.array([V.draw_budget(rng, r) for _ in range(4000)])
+    assert b.min() >= 16 and b.max() == 576
+    assert abs((b == 576).mean() - 0.25) < 0.03
+    part = b[b < 576]
+    assert abs(np.mean(np.log(part)) - (np.log(16) + np.log(576)) / 2) < 0.05  # log-uniform
+
+
+def test_batch_inputs_mask_is_causal_padded_and_biased():
+    rows = [(torch.tensor([1, 4, 4, 7]), torch.tensor([0, 1, 5, 9]), torch.full((4,), -100),
+             torch.tensor([0.0, 0.0, 0.7, 0.0]), torch.tensor([0, 1])),
+            (torch.tensor([1, 7]), torch.tensor([0, 1]), torch.full((2,), -100), torch.zeros(2), torch.tensor([]))]
+    ids, pos, lab, m, valid = V.batch_inputs(rows, PAD)
+    assert ids[1].tolist() == [PAD, PAD, 1, 7] and valid[1].tolist() == [False, False, True, True]
+    neg = torch.finfo(torch.float32).min
+    assert m[0, 0, 3, 2] == pytest.approx(0.7) and m[0, 0, 1, 2] == neg  # bias on the key; causal
+    assert m[1, 0, 3, 0] == neg and m[1, 0, 3, 2] == 0.0  # padding masked
+
+
+def test_qtype_of_and_balanced_rows():
+    ds = S.ShapesVQA("train", n=40, seed=3, qtypes=S.ALL_QTYPES)
+    for i in range(40):
+        assert V.qtype_of(ds[i]["question"]) == ds[i]["qtype"]
+    with pytest.raises(ValueError, match="not a ShapesVQA question"):
+        V.qtype_of("what is this ?")
+
+
+def test_dense_targets_of_the_new_types():
+    ds = S.ShapesVQA("test", n=8, seed=5, qtypes=S.NEW_QTYPES)
+    s = ds[1]  # big
+    d = V.dense_targets(s)
+    assert d.shape == (7, 576)
+    assert np.array_equal(d[4].reshape(24, 24) == 1, s["mask"])  # the big flag = the big object's 4 patches
+    obj = d[1] < len(S.SHAPES)
+    assert np.all(d[5][obj] >= 0) and np.all(d[5][~obj] == -100)
+    grey = np.asarray(s["image"], dtype=float).mean(-1)[:14, :14].mean()
+    assert d[6][0] == round(grey / 255 * 1000)
+
+
+def test_training_resumes_bit_identically(tmp_path):
+    r = V.RecipeV2(stage1_samples=32, stage1_batch_size=16, stage2_images=12, stage2_questions=3, stage2_steps=4,
+                   batch_size=4, eval_n=10, eval_every=2, log_every=1, checkpoint_every=1)
+    V.train_v2(tmp_path / "a", seed=0, recipe=r, progress=False)
+    calls = 0
+    while True:  # stopped at every checkpoint, resumed from it
+        out = V.train_v2(tmp_path / "b", seed=0, recipe=r, progress=False, time_budget=0)
+        calls += 1
+        if "stopped" not in out:
+            break
+    assert calls >= 4
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "train_log.csv").read_text().count("\n") == \
+        (tmp_path / "b" / "train_log.csv").read_text().count("\n")
+    assert not (tmp_path / "b" / "train_state.pt").exists()
+    with pytest.raises(ValueError, match="another recipe or seed"):
+        V.train_v2(tmp_path / "c", seed=0, recipe=r, progress=False, time_budget=0)
+        V.train_v2(tmp_path / "c", seed=1, recipe=r, progress=False)
