@@ -124,8 +124,9 @@ def test_dense_targets_of_the_new_types():
 
 
 def test_training_resumes_bit_identically(tmp_path):
-    r = V.RecipeV2(stage1_samples=32, stage1_batch_size=16, stage2_images=12, stage2_questions=3, stage2_steps=4,
-                   batch_size=4, eval_n=10, eval_every=2, log_every=1, checkpoint_every=1)
+    r = V.RecipeV2(stage1_init="scratch", stage1_samples=32, stage1_batch_size=16, stage2_images=12,
+                   stage2_questions=3, stage2_steps=4, batch_size=4, eval_n=10, eval_every=2, log_every=1,
+                   checkpoint_every=1)
     V.train_v2(tmp_path / "a", seed=0, recipe=r, progress=False)
     calls = 0
     while True:  # stopped at every checkpoint, resumed from it
@@ -143,3 +144,49 @@ def test_training_resumes_bit_identically(tmp_path):
     with pytest.raises(ValueError, match="another recipe or seed"):
         V.train_v2(tmp_path / "c", seed=0, recipe=r, progress=False, time_budget=0)
         V.train_v2(tmp_path / "c", seed=1, recipe=r, progress=False)
+
+
+def test_stage1_starts_from_the_v1_tower(tmp_path):
+    from safetensors.torch import load_file
+    r = V.RecipeV2(stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
+                   batch_size=4, eval_n=10, eval_every=1, log_every=1)
+    V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False, stage1_from=T.DEFAULT_PATH)
+    new, v1 = load_file(tmp_path / "m" / "model.safetensors"), load_file(T.DEFAULT_PATH / "model.safetensors")
+    tower = [k for k in v1 if "vision_tower" in k]
+    assert tower and all(new[k].shape == v1[k].shape for k in tower)
+    # one warmup step of lr 1e-5 away from the v1 tower (a fresh init differs by O(0.1))
+    assert max(float((new[k] - v1[k]).abs().max()) for k in tower) < 1e-3
+    with pytest.raises(ValueError, match="stage1_init must be"):
+        V.train_v2(tmp_path / "x", recipe=V.RecipeV2(stage1_init="clip"), progress=False)
+
+
+def test_a_left_padded_prompt_gives_the_same_row_as_unpadded():
+    ids, mask, labels = T._rows([("what color is the circle ?", "red"), ("is the red circle left of the blue "
+                                                                          "square ?", "no")], key_words=True)
+    assert mask[0, 0] == 0  # the shorter question is left-padded
+    solo = _row()
+    kept = np.arange(0, 576, 40)
+    covered = np.zeros(576, bool)
+    a = V.row_inputs(ids[0], mask[0], labels[0], kept, kept, covered, IMG, PAD, weight=False)
+    b = V.row_inputs(*solo, kept, kept, covered, IMG, PAD, weight=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_without_stage1_from_the_v1_stage_1_runs_first(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    calls = []
+
+    def fake_train_tiny(out_dir, **kw):  # stands in for the 10k-scene v1 stage 1: a tower of its own seed
+        calls.append((out_dir, kw))
+        T.build_model(seed=123).save_pretrained(out_dir)
+
+    monkeypatch.setattr(T, "train_tiny", fake_train_tiny)
+    r = V.RecipeV2(stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
+                   batch_size=4, eval_n=10, eval_every=1, log_every=1)
+    V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False)
+    assert len(calls) == 1 and calls[0][0] == tmp_path / "m" / "v1_stage1"
+    assert calls[0][1]["stage2_steps"] == 0 and calls[0][1]["seed"] == 0
+    new, src = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "m" / "v1_stage1" /
+                                                                          "model.safetensors")
+    tower = [k for k in src if "vision_tower" in k]
+    assert max(float((new[k] - src[k]).abs().max()) for k in tower) < 1e-3
