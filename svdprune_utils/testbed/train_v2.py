@@ -66,6 +66,9 @@ class RecipeV2:
     eval_every: int = 1_000
     eval_n: int = 200
     checkpoint_every: int = 250
+    # weight of the mean attention mass that text queries after the image give image tokens in the layers before
+    # the first grounded one (0, 1): it keeps the image read after FastV's cut (0 = off)
+    early_image_attention: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------- stage 1
@@ -367,7 +370,20 @@ def stage2_loss(model, b, recipe: RecipeV2):
         return out.loss
     g = grounding_loss(out.attentions, recipe.grounding_layers, b["ids"], b["image_index"], b["dense"],
                        b["regions"], b["answers"], model.config.image_token_id)
-    return out.loss + recipe.grounding * g
+    loss = out.loss + recipe.grounding * g
+    if recipe.early_image_attention > 0:
+        loss = loss + recipe.early_image_attention * early_image_attention(out.attentions, b["ids"], img,
+                                                                           recipe.grounding_layers[0])
+    return loss
+
+
+def early_image_attention(attentions, ids, img, first_layer: int) -> torch.Tensor:
+    """Mean over layers < ``first_layer``, heads and the text queries after the image of the attention mass on
+    image tokens (``img``: (R, L) bool)."""
+    after = img.long().cumsum(1).bool() & ~img & (ids != T.vocab()["<pad>"])  # text after the first image token
+    terms = [(a * img[:, None, None, :]).sum(-1)[:, :, :][after[:, None, :].expand(-1, a.shape[1], -1)].mean()
+             for a in attentions[:first_layer]]
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()
@@ -395,7 +411,8 @@ def _save_state(path, **state):
 
 
 def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bool = True,
-             time_budget: float | None = None, stage1_from: str | Path | None = None) -> dict:
+             time_budget: float | None = None, stage1_from: str | Path | None = None,
+             init_from: str | Path | None = None) -> dict:
     """Train (or resume) the v2 tiny LLaVA into ``out_dir``: model, processor, ``train_log.csv``, ``recipe.json``.
     Resumes from ``out_dir/train_state.pt`` when present (same seed and recipe required). ``time_budget``
     (seconds of this call) stops early after a checkpoint, to be resumed later. With ``stage1_init="v1"`` the
@@ -420,7 +437,12 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
             raise ValueError(f"{state_path} was written with another recipe or seed; use another out_dir")
         model.load_state_dict(st["model"])
         heads.load_state_dict(st["heads"])
-    if st is None and recipe.stage1_init == "v1":
+    if st is None and init_from is not None:  # fine-tune a v2 model: all its weights, stage 2 only
+        from transformers import LlavaForConditionalGeneration
+
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(str(init_from)).state_dict())
+        st = dict(stage=2, step=0, log=[], seconds=0.0)
+    elif st is None and recipe.stage1_init == "v1":
         from transformers import LlavaForConditionalGeneration
 
         if stage1_from is None:
