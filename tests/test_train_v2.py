@@ -190,3 +190,29 @@ def test_without_stage1_from_the_v1_stage_1_runs_first(tmp_path, monkeypatch):
                                                                           "model.safetensors")
     tower = [k for k in src if "vision_tower" in k]
     assert max(float((new[k] - src[k]).abs().max()) for k in tower) < 1e-3
+
+
+def test_early_image_attention_is_the_image_share_of_text_after_the_image():
+    # one row: <s> img img q1 q2 ; layer 0 attention rows hand-made (1 head)
+    ids = torch.tensor([[V_["<s>"], IMG, IMG, V_["what"], V_["?"]]])
+    img = ids == IMG
+    a = torch.zeros(1, 1, 5, 5)
+    a[0, 0, 3] = torch.tensor([0.2, 0.3, 0.1, 0.4, 0.0])  # q1: 0.4 on the image
+    a[0, 0, 4] = torch.tensor([0.1, 0.6, 0.2, 0.05, 0.05])  # q2: 0.8 on the image
+    a[0, 0, 0, 0] = a[0, 0, 1, :2].fill_(0.5)[0] * 2  # rows of <s> and the image tokens do not count
+    b = torch.zeros(1, 1, 5, 5)
+    b[0, 0, 3:, 1] = 1.0  # layer 1: all on the image
+    assert float(V.early_image_attention([a, b, b], ids, img, 1)) == pytest.approx((0.4 + 0.8) / 2)
+    assert float(V.early_image_attention([a, b, b], ids, img, 2)) == pytest.approx(((0.4 + 0.8) / 2 + 1.0) / 2)
+
+
+def test_init_from_fine_tunes_every_weight_of_a_v2_model(tmp_path):
+    from safetensors.torch import load_file
+    src = T.DEFAULT_PATH.parent / "tiny-llava-shapes-v2"
+    r = V.RecipeV2(stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
+                   log_every=1, early_image_attention=1.0)
+    V.train_v2(tmp_path / "f", seed=0, recipe=r, progress=False, init_from=src)
+    new, old = load_file(tmp_path / "f" / "model.safetensors"), load_file(src / "model.safetensors")
+    assert new.keys() == old.keys()
+    assert max(float((new[k] - old[k]).abs().max()) for k in old) < 1e-3  # two warmup steps away (lr 0, then 1e-5)
+    assert not all(torch.equal(new[k], old[k]) for k in old if "language_model" in k)
