@@ -130,7 +130,8 @@ def readable_qtypes(processor) -> tuple:
 def check_seed(model, processor, seed: int = 0, n: int = 180, split: str = "test", *, prompt: str | None = None,
                batch_size: int = 32, progress: bool = True, qtypes=None) -> dict:
     """The five properties on ``n`` balanced ShapesVQA questions of ``split`` drawn with ``seed`` (see the module
-    docstring), of the types ``qtypes`` (None: every type the model's vocabulary reads, :func:`readable_qtypes`); returns a dict of measurements and ``passed`` flags per property, and under ``questions`` every
+    docstring), of the types ``qtypes`` (None: every type the model's vocabulary reads, :func:`readable_qtypes`);
+    returns a dict of measurements and ``passed`` flags per property, and under ``questions`` every
     question's answer and prediction per property (``oracle_<budget>``: None where its region does not fit)."""
     from .tiny import PROMPT
 

@@ -603,7 +603,8 @@ def question_region(objects: list[dict], coverage: np.ndarray, question: str) ->
     return (coverage[idx] > 0).any(0) if idx else np.zeros((GRID, GRID), bool)
 
 
-def extra_turns(sample: dict, rng: np.random.Generator, n: int, qtypes: Sequence[str] = QTYPES) -> list[tuple[str, str]]:
+def extra_turns(sample: dict, rng: np.random.Generator, n: int,
+                qtypes: Sequence[str] = QTYPES) -> list[tuple[str, str]]:
     """Up to ``n`` more (question, answer) turns about ``sample``'s scene, drawn from ``rng``: rounds
     over the question types ``qtypes`` in random order, one new question of each type per round (existence:
     yes or no with equal probability when both are left), never repeating a question (nor the

@@ -184,7 +184,8 @@ def stage1_accuracy(model, heads, batch) -> dict[str, float]:
 
     return dict(color=acc(lg[0], dense[:, 0], obj), shape=acc(lg[1], dense[:, 1], obj),
                 digit=acc(lg[2], dense[:, 2], card), quadrant=acc(lg[4], quad, obj), big=acc(lg[5], dense[:, 4], bigm),
-                column=(((lg[6].squeeze(-1) * (S.GRID - 1)).round() - dense[:, 5]).abs() <= 1)[obj].float().mean().item(),
+                column=(((lg[6].squeeze(-1) * (S.GRID - 1)).round() - dense[:, 5]).abs() <= 1)[obj].float().mean()
+                .item(),
                 grey_mae=(lg[7].squeeze(-1) - dense[:, 6] / 1000).abs().mean().item() * 255)
 
 
@@ -241,8 +242,8 @@ def row_inputs(ids, mask, labels, kept, present, covered, image_token_id, pad_to
 
 
 def batch_inputs(rows, pad_token_id):
-    """Left-pads ``row_inputs`` results: ids, position_ids, labels, 4-D additive mask (R, 1, L, L), image index
-    (R, K_max; -1 for padding), image positions in the row (R, K_max; -1)."""
+    """Left-pads ``row_inputs`` results: ids, position_ids, labels (R, L), the 4-D additive mask (R, 1, L, L)
+    (causal, padding masked, each row's bias on its keys) and ``valid`` (R, L), False at padding."""
     R, L = len(rows), max(len(r[0]) for r in rows)
     ids = torch.full((R, L), pad_token_id)
     pos = torch.zeros((R, L), dtype=torch.long)
@@ -291,7 +292,9 @@ def grounding_loss(attentions, layers, ids, image_index, dense, regions, answers
         if not keys or not reg.any():
             continue
         words = [w for _, w in keys]
-        if len(words) == 4 and words[0] in S.COLORS and words[2] in S.COLORS and "left" in inv.get(row[keys[1][0] + 1], ""):
+        relation = len(words) == 4 and words[0] in S.COLORS and words[2] in S.COLORS and \
+            inv.get(row[keys[1][0] + 1]) == "left"
+        if relation:
             for (pc, c), (ps, sh) in ((keys[0], keys[1]), (keys[2], keys[3])):  # relation: each object alone
                 own = reg & (d[0] == colors.index(c)) & (d[1] == S.SHAPES.index(sh))
                 if own.any():
@@ -352,10 +355,8 @@ def stage2_batch(pool, index, rng, recipe: RecipeV2, weight: bool):
         regions.append(torch.as_tensor(region))
         answers.append(a)
     ids, pos, lab, m, _ = batch_inputs(rows, v["<pad>"])
-    K = max(len(f) for f in feats)
-    image_index = [r[4] for r in rows]
     return dict(ids=ids, pos=pos, labels=lab, mask=m, feats=feats, dense=dense, regions=regions, answers=answers,
-                image_index=image_index, K=K)
+                image_index=[r[4] for r in rows])
 
 
 def stage2_loss(model, b, recipe: RecipeV2):
@@ -381,7 +382,7 @@ def early_image_attention(attentions, ids, img, first_layer: int) -> torch.Tenso
     """Mean over layers < ``first_layer``, heads and the text queries after the image of the attention mass on
     image tokens (``img``: (R, L) bool)."""
     after = img.long().cumsum(1).bool() & ~img & (ids != T.vocab()["<pad>"])  # text after the first image token
-    terms = [(a * img[:, None, None, :]).sum(-1)[:, :, :][after[:, None, :].expand(-1, a.shape[1], -1)].mean()
+    terms = [(a * img[:, None, None, :]).sum(-1)[after[:, None, :].expand(-1, a.shape[1], -1)].mean()
              for a in attentions[:first_layer]]
     return torch.stack(terms).mean()
 
