@@ -126,7 +126,9 @@ def test_dense_targets_of_the_new_types():
 def test_training_resumes_bit_identically(tmp_path):
     r = V.RecipeV2(stage1_init="scratch", stage1_samples=32, stage1_batch_size=16, stage2_images=12,
                    stage2_questions=3, stage2_steps=4, batch_size=4, eval_n=10, eval_every=2, log_every=1,
-                   checkpoint_every=1)
+                   checkpoint_every=1, finetune=(dict(stage2_steps=3, stage2_images=8, stage2_lr=1e-4,
+                                                      qtype_weight={"twins": 3.0}),
+                                                 dict(stage2_steps=2, full_fraction=1.0, eval_every=1)))
     V.train_v2(tmp_path / "a", seed=0, recipe=r, progress=False)
     calls = 0
     while True:  # stopped at every checkpoint, resumed from it
@@ -134,7 +136,9 @@ def test_training_resumes_bit_identically(tmp_path):
         calls += 1
         if "stopped" not in out:
             break
-    assert calls >= 4
+    assert calls >= 4 + 3 + 2
+    stages = [int(line.split(",")[0]) for line in (tmp_path / "a" / "train_log.csv").read_text().splitlines()[1:]]
+    assert sorted(set(stages)) == [1, 2, 3, 4] and stages == sorted(stages)
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -148,7 +152,7 @@ def test_training_resumes_bit_identically(tmp_path):
 
 def test_stage1_starts_from_the_v1_tower(tmp_path):
     from safetensors.torch import load_file
-    r = V.RecipeV2(stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
+    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
                    batch_size=4, eval_n=10, eval_every=1, log_every=1)
     V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False, stage1_from=T.DEFAULT_PATH)
     new, v1 = load_file(tmp_path / "m" / "model.safetensors"), load_file(T.DEFAULT_PATH / "model.safetensors")
@@ -181,7 +185,7 @@ def test_without_stage1_from_the_v1_stage_1_runs_first(tmp_path, monkeypatch):
         T.build_model(seed=123).save_pretrained(out_dir)
 
     monkeypatch.setattr(T, "train_tiny", fake_train_tiny)
-    r = V.RecipeV2(stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
+    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
                    batch_size=4, eval_n=10, eval_every=1, log_every=1)
     V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False)
     assert len(calls) == 1 and calls[0][0] == tmp_path / "m" / "v1_stage1"
@@ -209,10 +213,60 @@ def test_early_image_attention_is_the_image_share_of_text_after_the_image():
 def test_init_from_fine_tunes_every_weight_of_a_v2_model(tmp_path):
     from safetensors.torch import load_file
     src = T.DEFAULT_PATH.parent / "tiny-llava-shapes-v2"
-    r = V.RecipeV2(stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
+    r = V.RecipeV2(finetune=(), stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
                    log_every=1, early_image_attention=1.0)
     V.train_v2(tmp_path / "f", seed=0, recipe=r, progress=False, init_from=src)
     new, old = load_file(tmp_path / "f" / "model.safetensors"), load_file(src / "model.safetensors")
     assert new.keys() == old.keys()
     assert max(float((new[k] - old[k]).abs().max()) for k in old) < 1e-3  # two warmup steps away (lr 0, then 1e-5)
     assert not all(torch.equal(new[k], old[k]) for k in old if "language_model" in k)
+
+
+def test_a_fine_tuning_phase_equals_a_separate_run_from_the_previous_weights(tmp_path):
+    # the shipped model's phases were run as separate init_from calls (data/README.md): the one command must give
+    # the same weights
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+    src = T.DEFAULT_PATH.parent / "tiny-llava-shapes-v2"
+    phase = dict(stage2_steps=3, stage2_images=8, stage2_lr=1e-4, warmup_steps=1, full_fraction=0.5,
+                 qtype_weight={"twins": 3.0, "count": 2.0}, early_image_attention=1.0, eval_every=3)
+    r = V.RecipeV2(stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
+                   log_every=1, finetune=(phase,))
+    V.train_v2(tmp_path / "one", seed=0, recipe=r, progress=False, init_from=src)
+    V.train_v2(tmp_path / "s2", seed=0, recipe=replace(r, finetune=()), progress=False, init_from=src)
+    V.train_v2(tmp_path / "s3", seed=0, recipe=replace(r, finetune=(), **phase), progress=False,
+               init_from=tmp_path / "s2")
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "s3" / "model.safetensors")
+    c = load_file(tmp_path / "s2" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the phase trained
+
+
+def test_phases_and_type_weights_are_checked():
+    r = V.RecipeV2(finetune=(dict(stage2_steps=5), dict(stage1_lr=1.0)))
+    with pytest.raises(ValueError, match=r"finetune phase 2: \['stage1_lr'\] are not stage-2 fields"):
+        V.phase_recipes(r)
+    for w in ({"colour": 1.0}, {"twins": -1.0}, {q: 0.0 for q in S.ALL_QTYPES}, {"twins": float("nan")}):
+        with pytest.raises(ValueError, match="qtype_weight"):
+            V.phase_recipes(V.RecipeV2(finetune=(dict(qtype_weight=w),)))
+    ph = V.phase_recipes(V.RecipeV2())
+    assert len(ph) == 1 + len(V.FINETUNE) and ph[1].stage2_steps == 3000 and ph[2].qtype_weight["twins"] == 3.0
+    a, b = V.RecipeV2(), V.RecipeV2()
+    a.finetune[1]["qtype_weight"]["twins"] = 9.0  # each recipe owns its phases
+    assert b.finetune[1]["qtype_weight"]["twins"] == 3.0 == V.FINETUNE[1]["qtype_weight"]["twins"]
+
+
+def test_type_weights_set_the_share_of_rows():
+    from collections import Counter
+
+    qas = [[(S.TEMPLATES["twins"].format(color="red", plural="circles"), "2")],
+           [(S.TEMPLATES["color"].format(shape="circle"), "red")],
+           [(S.TEMPLATES["digit"], "3")]]
+    index = V.balanced_index(qas)
+    pool = dict(qas=qas, regions=[torch.zeros(1, 576, dtype=torch.bool)] * 3,
+                dense=torch.zeros(3, V.N_DENSE, 576, dtype=torch.int16), feats=torch.zeros(3, 576, 64))
+    r = V.RecipeV2(batch_size=600, qtype_weight={"twins": 4.0, "digit": 0.0})
+    b = V.stage2_batch(pool, index, np.random.default_rng(0), r, weight=False)
+    n = Counter(b["answers"])
+    assert n["3"] == 0 and abs(n["2"] / 600 - 0.8) < 0.05 and abs(n["red"] / 600 - 0.2) < 0.05

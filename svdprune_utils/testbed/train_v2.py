@@ -15,11 +15,14 @@ What changes from the shipped model's recipe (:mod:`.tiny`), and why:
 - **All ten question types** (``shapes.ALL_QTYPES``), rows balanced over (type, answer).
 - Stage-1 targets for the new types: the 2×2 "big" flag, the column of every object patch (relation), and each
   patch's mean grey level (background).
+- **Fine-tuning phases** after stage 2 (``RecipeV2.finetune``, stages 3 and 4 of the shipped model): the
+  early-layer image attention penalised (``early_image_attention``), then duplicates counted at all 576 tokens.
 - **Resumable**: ``train_state.pt`` every ``RecipeV2.checkpoint_every`` steps (model, heads, optimiser, schedule,
   random states, log); an interrupted run started again with the same arguments continues where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -69,6 +72,43 @@ class RecipeV2:
     # weight of the mean attention mass that text queries after the image give image tokens in the layers before
     # the first grounded one (0, 1): it keeps the image read after FastV's cut (0 = off)
     early_image_attention: float = 0.0
+    # relative frequency of a question type's rows (types not named: 1); then (type, answer) uniform within the type
+    qtype_weight: dict = field(default_factory=dict)
+    # fine-tuning phases after stage 2 (stages 3, 4, ...), each a dict of stage-2 fields it overrides (STAGE2_FIELDS):
+    # it starts from the previous stage's weights with a fresh optimiser and schedule, its own pool
+    finetune: tuple = field(default_factory=lambda: copy.deepcopy(FINETUNE))
+
+
+STAGE2_FIELDS = ("stage2_images", "stage2_questions", "stage2_steps", "batch_size", "stage2_lr", "warmup_steps",
+                 "weight_decay", "grounding", "grounding_layers", "image_tokens", "min_budget", "full_fraction",
+                 "background_weight_from", "eval_every", "early_image_attention", "qtype_weight")
+
+# The shipped model's phases after stage 2 (data/README.md): (3) the image read after FastV's cut, the early-layer
+# image attention penalised; (4) counting duplicates at all 576 tokens, where seed 0's twins were one question short
+FINETUNE = (
+    dict(stage2_steps=3_000, stage2_images=6_000, stage2_lr=3e-4, warmup_steps=50, background_weight_from=0.0,
+         early_image_attention=1.0, eval_every=1_000),
+    dict(stage2_steps=1_500, stage2_images=6_000, stage2_lr=1e-4, warmup_steps=50, background_weight_from=0.0,
+         early_image_attention=1.0, eval_every=500, full_fraction=0.5, qtype_weight={"twins": 3.0, "count": 2.0}),
+)
+
+
+def phase_recipes(recipe: RecipeV2) -> list[RecipeV2]:
+    """The recipes of stage 2 and of each fine-tuning phase (``recipe.finetune``), in order."""
+    from dataclasses import replace
+
+    out = [replace(recipe, finetune=())]
+    for k, over in enumerate(recipe.finetune):
+        bad = sorted(set(over) - set(STAGE2_FIELDS))
+        if bad:
+            raise ValueError(f"finetune phase {k + 1}: {bad} are not stage-2 fields (allowed: {STAGE2_FIELDS})")
+        out.append(replace(recipe, finetune=(), **over))
+    for r in out:
+        unknown = sorted(set(r.qtype_weight) - set(S.ALL_QTYPES))
+        if unknown or any(not (w >= 0) for w in r.qtype_weight.values()) or \
+                not any(r.qtype_weight.get(q, 1.0) > 0 for q in S.ALL_QTYPES):
+            raise ValueError(f"qtype_weight {r.qtype_weight}: weights >= 0 (not all 0) of {S.ALL_QTYPES}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- stage 1
@@ -331,14 +371,19 @@ def qtype_of(question: str) -> str:
 
 
 def stage2_batch(pool, index, rng, recipe: RecipeV2, weight: bool):
-    """One stage-2 batch: (qtype, answer) uniform over what the pool holds, then a scene with such a question;
+    """One stage-2 batch: a question type (uniform, or by ``recipe.qtype_weight``), an answer uniform among those
+    the pool holds for it, then a scene with such a question;
     each row at its own budget (``draw_budget``). Returns the model inputs and the grounding inputs."""
     keys = sorted(index)
     types = sorted({k[0] for k in keys})
     rows, feats, dense, regions, answers = [], [], [], [], []
     v = T.vocab()
+    p = None
+    if recipe.qtype_weight:
+        p = np.array([recipe.qtype_weight.get(t, 1.0) for t in types], dtype=np.float64)
+        p = p / p.sum()
     for _ in range(recipe.batch_size):
-        qt = types[int(rng.integers(len(types)))]
+        qt = types[int(rng.integers(len(types)))] if p is None else types[int(rng.choice(len(types), p=p))]
         ans = [k for k in keys if k[0] == qt]
         key = ans[int(rng.integers(len(ans)))]
         scene, j = index[key][int(rng.integers(len(index[key])))]
@@ -419,7 +464,10 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
     (seconds of this call) stops early after a checkpoint, to be resumed later. With ``stage1_init="v1"`` the
     tower starts from the v1 recipe's stage 1: run here (``tiny.train_tiny`` with no stage-2 steps, into
     ``out_dir/v1_stage1``), or loaded from ``stage1_from`` (a model directory whose tower is that stage's output,
-    e.g. the shipped v1 ``data/tiny-llava-shapes``: its stage 1 is deterministic). Returns the last validation row."""
+    e.g. the shipped v1 ``data/tiny-llava-shapes``: its stage 1 is deterministic). ``init_from``: a v2 model whose
+    weights (all of them) start stage 2, stage 1 skipped (with ``RecipeV2(finetune=())`` and a short stage 2, a
+    fine-tuning run). After stage 2, each ``recipe.finetune`` phase (stage 3, 4, ...). Returns the last validation
+    row, or ``{"stopped": ..., "stage", "step"}`` when ``time_budget`` ran out."""
     from tqdm import tqdm
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -438,7 +486,7 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
             raise ValueError(f"{state_path} was written with another recipe or seed; use another out_dir")
         model.load_state_dict(st["model"])
         heads.load_state_dict(st["heads"])
-    if st is None and init_from is not None:  # fine-tune a v2 model: all its weights, stage 2 only
+    if st is None and init_from is not None:  # all weights of a v2 model start stage 2
         from transformers import LlavaForConditionalGeneration
 
         model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(str(init_from)).state_dict())
@@ -470,10 +518,10 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
             w.writeheader()
             w.writerows(log)
 
-    def make_opt(params, lr, total):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-        sched = (get_constant_schedule_with_warmup(opt, recipe.warmup_steps) if total is None else
-                 get_cosine_schedule_with_warmup(opt, recipe.warmup_steps, total))
+    def make_opt(params, lr, total, r):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=r.weight_decay, betas=(0.9, 0.98))
+        sched = (get_constant_schedule_with_warmup(opt, r.warmup_steps) if total is None else
+                 get_cosine_schedule_with_warmup(opt, r.warmup_steps, total))
         return opt, sched
 
     def step_(opt, sched, params, loss):
@@ -489,7 +537,7 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
     stage, step = (st["stage"], st["step"]) if st else (1, 0)
     if stage == 1:
         params = list(tower.parameters()) + list(heads.parameters())
-        opt, sched = make_opt(params, recipe.stage1_lr, None)
+        opt, sched = make_opt(params, recipe.stage1_lr, None, recipe)
         if st:
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
@@ -524,54 +572,67 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
         _save_state(state_path, recipe=rec, seed=seed, stage=2, step=0, model=model.state_dict(),
                     heads=heads.state_dict(), log=log, seconds=seconds())
         write_log()
-    # ---- stage 2
+    # ---- stage 2, then each fine-tuning phase (stage 3, 4, ...): the same loop, a fresh optimiser and pool each
+    phases = phase_recipes(recipe)
     tower.requires_grad_(False)
-    model.eval()
-    pool = feature_pool(model, recipe.stage2_images, recipe.stage2_questions, seed * 1000 + 20, progress)
-    index = balanced_index(pool["qas"])
     params = [p for n_, p in model.named_parameters() if not n_.startswith("model.vision_tower")]
-    opt, sched = make_opt(params, recipe.stage2_lr, recipe.stage2_steps)
-    rng = np.random.default_rng([seed, 2])
-    ema = None
-    if st is not None and st.get("opt") is not None:
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        rng.bit_generator.state = st["rng"]
-        ema = st.get("ema")
-    model.set_attn_implementation("eager")
-    model.train()
-    bar = tqdm(total=recipe.stage2_steps, initial=step, unit="step", desc="stage 2 (LLaVA)", disable=not progress)
-    while step < recipe.stage2_steps:
-        weight = step >= recipe.background_weight_from * recipe.stage2_steps
-        b = stage2_batch(pool, index, rng, recipe, weight)
-        loss = stage2_loss(model, b, recipe)
-        step_(opt, sched, params, loss)
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.update(1)
-        row = None
-        if step % recipe.log_every == 0:
-            row = dict(stage=2, step=step, seconds=seconds(), loss=round(ema, 4))
-        if step % recipe.eval_every == 0 or step == recipe.stage2_steps:
-            model.eval()
-            model.set_attn_implementation("sdpa")
-            row = dict(stage=2, step=step, seconds=seconds(), loss=round(ema, 4),
-                       **{f"val_{k}": round(v, 4) for k, v in T.accuracy(model, val).items()})
-            model.set_attn_implementation("eager")
-            model.train()
-            bar.set_postfix(loss=f"{ema:.3f}", val=row["val_overall"])
-        if row:
-            log.append(row)
-        if step % recipe.checkpoint_every == 0 and step < recipe.stage2_steps:
-            _save_state(state_path, recipe=rec, seed=seed, stage=2, step=step, model=model.state_dict(),
-                        heads=heads.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        rng=rng.bit_generator.state, log=log, ema=ema, seconds=seconds())
+    while stage - 2 < len(phases):
+        r = phases[stage - 2]
+        model.eval()
+        model.set_attn_implementation("sdpa")
+        pool = feature_pool(model, r.stage2_images, r.stage2_questions, seed * 1000 + 20, progress)
+        index = balanced_index(pool["qas"])
+        opt, sched = make_opt(params, r.stage2_lr, r.stage2_steps, r)
+        # every phase draws its rows from the same seeded stream, as a separate fine-tuning run (init_from) would
+        rng = np.random.default_rng([seed, 2])
+        ema = None
+        if st is not None and st.get("opt") is not None:
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
+            rng.bit_generator.state = st["rng"]
+            ema = st.get("ema")
+        model.set_attn_implementation("eager")
+        model.train()
+        desc = "stage 2 (LLaVA)" if stage == 2 else f"stage {stage} (fine-tune {stage - 2}/{len(phases) - 1})"
+        bar = tqdm(total=r.stage2_steps, initial=step, unit="step", desc=desc, disable=not progress)
+        while step < r.stage2_steps:
+            weight = step >= r.background_weight_from * r.stage2_steps
+            b = stage2_batch(pool, index, rng, r, weight)
+            loss = stage2_loss(model, b, r)
+            step_(opt, sched, params, loss)
+            step += 1
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.update(1)
+            row = None
+            if step % recipe.log_every == 0:
+                row = dict(stage=stage, step=step, seconds=seconds(), loss=round(ema, 4))
+            if step % r.eval_every == 0 or step == r.stage2_steps:
+                model.eval()
+                model.set_attn_implementation("sdpa")
+                row = dict(stage=stage, step=step, seconds=seconds(), loss=round(ema, 4),
+                           **{f"val_{k}": round(v, 4) for k, v in T.accuracy(model, val).items()})
+                model.set_attn_implementation("eager")
+                model.train()
+                bar.set_postfix(loss=f"{ema:.3f}", val=row["val_overall"])
+            if row:
+                log.append(row)
+            if step % recipe.checkpoint_every == 0 and step < r.stage2_steps:
+                _save_state(state_path, recipe=rec, seed=seed, stage=stage, step=step, model=model.state_dict(),
+                            heads=heads.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                            rng=rng.bit_generator.state, log=log, ema=ema, seconds=seconds())
+                write_log()
+                if out_of_time():
+                    bar.close()
+                    return {"stopped": "time budget", "stage": stage, "step": step}
+        bar.close()
+        stage, step, st = stage + 1, 0, None
+        model.set_attn_implementation("sdpa")
+        if stage - 2 < len(phases):  # the next phase starts from here on a resume
+            _save_state(state_path, recipe=rec, seed=seed, stage=stage, step=0, model=model.state_dict(),
+                        heads=heads.state_dict(), log=log, seconds=seconds())
             write_log()
             if out_of_time():
-                bar.close()
-                return {"stopped": "time budget", "stage": 2, "step": step}
-    bar.close()
-    model.set_attn_implementation("sdpa")
+                return {"stopped": "time budget", "stage": stage, "step": 0}
     tower.requires_grad_(True)
     model.eval()
     model.save_pretrained(out_dir)
