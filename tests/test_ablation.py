@@ -33,6 +33,11 @@ def setup():
         ("divprune", {}, {"method": "divprune"}),  # both default to the projected features
         ("divprune", {"feature": "vision"}, {"method": "divprune", "feature": "vision"}),
         ("fastv", {"fastv_layer": 1}, {"method": "fastv", "fastv_layer": 1}),
+        ("vispruner", {}, {"method": "vispruner"}),
+        ("cdpruner", {}, {"method": "cdpruner"}),
+        ("visionzip", {}, {"method": "visionzip"}),
+        ("visionzip", {"feature": "projected"}, {"method": "visionzip", "feature": "projected"}),
+        ("sparsevlm", {}, {"method": "sparsevlm"}),
     ],
 )
 def test_cached_path_gives_the_faithful_answers(setup, method, patch_kwargs, config):
@@ -40,8 +45,10 @@ def test_cached_path_gives_the_faithful_answers(setup, method, patch_kwargs, con
     budgets = [576, 32, 8]
     ref = evaluate(model, processor, data, [method], budgets, batch_size=4, patch_kwargs=patch_kwargs,
                    return_samples=True, progress=False)[1]
-    got = evaluate_cached(model, processor, cache, {"c": config}, budgets, batch_size=4, return_samples=True)[1]
+    summary, got = evaluate_cached(model, processor, cache, {"c": config}, budgets, batch_size=4,
+                                   return_samples=True)
     assert got["prediction"].tolist() == ref["prediction"].tolist()
+    assert got["tokens"].tolist() == ref["tokens"].tolist()
     assert got["score"].tolist() == ref["score"].tolist()
     np.testing.assert_allclose(got["region_recall"], ref["region_recall"])
     assert not hasattr(model, "svdprune")
@@ -124,3 +131,30 @@ def test_budget_table_and_panels():
     assert [ax.get_ylabel() for ax in axes] == ["accuracy", "projection residual"]
     assert any(line.get_label() == "Eckart–Young floor" for line in axes[-1].get_lines())
     matplotlib.pyplot.close(fig)
+
+
+def test_the_peers_cached_signals_and_their_errors(setup):
+    from svdprune_utils.analysis.ablation import answer_cached, answer_in_llm, reduce_cached
+    from svdprune_utils.hf.signals import instruction_relevance
+    model, processor, data, cache = setup
+    heads = model.config.vision_config.num_attention_heads
+    torch.testing.assert_close(cache.attention_sum, cache.attention * heads)
+    assert cache.keys.shape == (N_SAMPLES, 576, model.config.vision_config.hidden_size // heads)
+    x = processor(images=[data[1]["image"]], text=[tiny.PROMPT.format(question=data[1]["question"])],
+                  return_tensors="pt")
+    proj = cache.features["projected"][1:2]
+    ref = instruction_relevance(model, x, x["input_ids"] == model.config.image_token_id, torch.tensor([0]), list(proj))
+    torch.testing.assert_close(cache.relevance[1], ref[0])
+    kept, merged = reduce_cached(cache, {"method": "visionzip"}, 16)
+    assert kept.shape == (N_SAMPLES, 16) and merged.shape == (N_SAMPLES, 16, cache.feature("vision").shape[-1])
+    assert reduce_cached(cache, {"method": "vispruner"}, 16)[1] is None
+    with pytest.raises(ValueError, match="per-call signals"):
+        reduce_cached(cache, {"method": "cdpruner", "relevance": cache.relevance}, 16)
+    with pytest.raises(ValueError, match="feature must be 'vision' or 'projected'"):
+        reduce_cached(cache, {"method": "visionzip", "feature": -1}, 16)
+    with pytest.raises(ValueError, match="inside the language model"):
+        reduce_cached(cache, {"method": "sparsevlm"}, 16)
+    with pytest.raises(ValueError, match="need a tag"):
+        answer_cached(model, processor, cache, [0], kept[:1], features=merged[:1])
+    with pytest.raises(ValueError, match="in-LLM methods"):
+        answer_in_llm(model, processor, cache, [0], 16, "svd")

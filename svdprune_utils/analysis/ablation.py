@@ -8,9 +8,12 @@ tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then
 ``select_tokens`` on the cached features and answers greedily with ``generate`` on the inputs the patched
 ``generate`` builds, by the same apply step (:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected
 features as ``mm_encoder_outputs``), so the answers are the faithful path's (``tests/test_ablation.py``).
-FastV, which prunes inside the language model, runs the fastv-patched model with the cached projected
-features passed as ``mm_encoder_outputs`` (:func:`answer_fastv`). Answers are memoised per (sample,
-kept set): configurations that keep the same tokens share one language-model run.
+The peers' signals are cached too (the CLS→patch attention, mean and sum over heads, and the feature layer's
+keys for VisPruner and VisionZip; CDPruner's instruction relevance, :func:`~svdprune_utils.hf.signals.
+instruction_relevance`), and VisionZip's merged tokens are projected as the patch projects them. FastV and SparseVLM,
+which prune inside the language model, run the patched model with the cached projected features passed as
+``mm_encoder_outputs`` (:func:`answer_in_llm`). Answers are memoised per (sample, kept set): configurations that
+keep the same tokens share one language-model run.
 
 A configuration is ``{"method": <SELECTORS key>, "feature": "vision" | "projected" | int, **signals}``:
 ``feature`` (default: the method's, ``selectors.default_feature`` — "projected" for divprune, else "vision" =
@@ -34,13 +37,15 @@ from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ip
 from ..core.selection import default_feature, score_tokens, select_tokens, top_k
 from ..core.validate import unit_scale
 from ..hf.attention import vision_cls_attention
+from ..core.reduction import REDUCERS, reduce_tokens
 from ..hf.fastv import default_layer
 from ..hf.inputs import keep_image_tokens, kept_features
-from ..hf.prune import pad_id
+from ..hf.prune import IN_LLM, pad_id
+from ..hf.signals import CLS_HEADS, NEEDS_KEYS, USER_RELEVANCE, instruction_relevance
 from .evaluate import LLAVA_PROMPT, answers_of, model_inputs, vqa_score
 
-__all__ = ["FeatureCache", "encode", "select_cached", "answer_cached", "answer_fastv", "residuals", "budget_table",
-           "evaluate_cached"]
+__all__ = ["FeatureCache", "encode", "select_cached", "reduce_cached", "answer_cached", "answer_in_llm", "answer_fastv",
+           "residuals", "budget_table", "evaluate_cached"]
 
 
 @dataclass
@@ -49,7 +54,10 @@ class FeatureCache:
 
     features: {"projected": (n, N, d_text)} plus {layer: (n, N, d_vision)} for every requested tower
         layer (negative indices into ``hidden_states``; CLS dropped under the "default" strategy);
-    attention: (n, N) CLS→patch attention at the feature layer, heads averaged (or None);
+    attention: (n, N) CLS→patch attention at the feature layer, heads averaged (or None); attention_sum: the
+        same summed over heads (VisionZip's); keys: (n, N, head_dim) that layer's keys averaged over heads
+        (VisionZip's merge metric); relevance: (n, N) fp64 CDPruner's instruction relevance as the patch computes
+        it (:func:`~svdprune_utils.hf.signals.instruction_relevance`);
     prompts: n unpadded 1-D ``input_ids`` with N image placeholders each;
     answers / qtypes: reference answers (lists) and question types; masks: (n, N) bool answer
         regions or None; feature_layer: the model's ``vision_feature_layer``; grid: (H, W) patch grid.
@@ -66,6 +74,9 @@ class FeatureCache:
     n_hidden: int = 0  # number of tower hidden states (layers + embeddings)
     memo: dict = field(default_factory=dict, repr=False)  # (sample, K, kept bytes) -> answer
     sigma2: torch.Tensor | None = field(default=None, repr=False)  # squared singular values of feature("vision")
+    attention_sum: torch.Tensor | None = field(default=None, repr=False)
+    keys: torch.Tensor | None = field(default=None, repr=False)
+    relevance: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -102,8 +113,9 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
     """Run the vision tower (+ projector) once per sample of ``dataset`` and cache what ablations need.
 
     layers: extra tower layers to keep (negative ``hidden_states`` indices; the feature layer is always
-    kept). attention: also keep the CLS→patch attention (for ``cls_attention``). The prompts come from
-    ``processor`` exactly as in ``evaluate`` (``prompt.format(question=...)``).
+    kept). attention: also keep the CLS→patch attention and keys (for ``cls_attention``, ``vispruner`` and
+    ``visionzip``). CDPruner's relevance is always kept. The prompts come from ``processor`` exactly as in
+    ``evaluate`` (``prompt.format(question=...)``).
     """
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     if n <= 0:
@@ -115,22 +127,26 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
     n_layers = model.config.vision_config.num_hidden_layers + 1
     keep = sorted({_negative(i, n_layers) for i in (layer, *layers)}, reverse=True)
     feats = {k: [] for k in ["projected", *keep]}
-    att, prompts, answers, qtypes, masks = [], [], [], [], []
+    att, att_sum, keys, relevance, prompts, answers, qtypes, masks = [], [], [], [], [], [], [], []
+    first = 1 if strategy == "default" else 0
     for start in tqdm(range(0, n, batch_size), desc="encode", disable=not progress, leave=False):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         inputs = model_inputs(model, processor, items, prompt)
-        with vision_cls_attention(model, layer) if attention else contextlib.nullcontext({}) as box:
+        with vision_cls_attention(model, layer, keys=True) if attention else contextlib.nullcontext({}) as box:
             out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                  vision_feature_layer=layer,
                                                  vision_feature_select_strategy=strategy, return_dict=True,
                                                  output_hidden_states=True)
         feats["projected"].append(torch.stack(list(out.pooler_output)))
+        img = inputs["input_ids"] == model.config.image_token_id
+        relevance.append(instruction_relevance(model, inputs, img, torch.arange(len(items)), list(out.pooler_output)))
         for k in keep:
             h = out.hidden_states[k]
             feats[k].append(h[:, 1:] if strategy == "default" else h)
         if attention:
-            a = box["cls"].mean(1)
-            att.append(a[:, 1:] if strategy == "default" else a)
+            att.append(box["cls"].mean(1)[:, first:])
+            att_sum.append(box["cls"].sum(1)[:, first:])
+            keys.append(box["keys"][:, first:])
         for ids, m in zip(inputs["input_ids"], inputs["attention_mask"]):
             prompts.append(ids[m.bool()].cpu().clone())
         for it in items:
@@ -144,51 +160,90 @@ def encode(model, processor, dataset: Sequence[dict], *, limit: int | None = Non
     return FeatureCache(features=features, attention=torch.cat(att) if attention else None, prompts=prompts,
                         answers=answers, qtypes=qtypes, masks=m,
                         feature_layer=_negative(layer, n_layers), grid=(side, N // side),
-                        n_hidden=n_layers)
+                        n_hidden=n_layers, attention_sum=torch.cat(att_sum) if attention else None,
+                        keys=torch.cat(keys) if attention else None, relevance=torch.cat(relevance))
+
+
+def _signals(cache: FeatureCache, method: str, rows: torch.Tensor) -> dict:
+    """The signals the patch would compute for ``method`` on the cached ``rows``."""
+    if method in CLS_HEADS:
+        if cache.attention is None:
+            raise ValueError(f"{method} needs encode(..., attention=True)")
+        att = cache.attention_sum if CLS_HEADS[method] == "sum" else cache.attention
+        out = {"attention": att[rows.to(att.device)]}
+        if method in NEEDS_KEYS:
+            out["keys"] = cache.keys[rows.to(cache.keys.device)]
+        return out
+    if method == "cdpruner":
+        return {"relevance": cache.relevance[rows.to(cache.relevance.device)]}
+    return {}
+
+
+def reduce_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Sequence[int] | None = None,
+                  chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kept (n, min(K, N)), features) of the cached ``samples`` (default all) for one configuration, as the
+    patch's selection step computes them (``reduce_tokens(...).in_raster_order()``): ``features`` is None for a
+    selection, the (n, K, d) merged features in the scored space for a merging method (VisionZip)."""
+    cfg = dict(config)
+    method = cfg.pop("method", "svd")
+    if method in IN_LLM:
+        raise ValueError(f"{method} prunes inside the language model: no kept set before it runs "
+                         "(see answer_in_llm)")
+    bad = sorted(k for k in USER_RELEVANCE if k in cfg)
+    if method == "cdpruner" and bad:
+        raise ValueError(f"cdpruner on the cache uses the cached relevance (the patch's variant); {bad} are "
+                         "per-call signals: use evaluate() with patch_kwargs for them")
+    key = cfg.pop("feature", default_feature(method))
+    if method in REDUCERS and key not in ("vision", "projected"):
+        raise ValueError(f"{method} merges features the projector then reads: feature must be 'vision' or "
+                         f"'projected', got {key!r}")
+    X = cache.feature(key)
+    rows = torch.arange(X.shape[0]) if samples is None else torch.as_tensor(list(samples), dtype=torch.long)
+    if cache.grid[0] * cache.grid[1] == X.shape[1]:
+        cfg.setdefault("grid", cache.grid)
+    if method == "svd" and cfg.get("rank") is not None and budget < X.shape[1]:
+        # a fixed rank rule gives budget-independent scores: compute them once per configuration
+        mkey = ("scores", repr(sorted(config.items(), key=str)))
+        if mkey not in cache.memo:
+            kw = {k: v for k, v in cfg.items() if k != "grid"}
+            cache.memo[mkey] = torch.cat([score_tokens(X[s:s + chunk], "svd", **kw) for s in range(0, len(X), chunk)])
+        return top_k(cache.memo[mkey][rows.to(X.device)], budget), None  # = select_svd (top_k of the same scores)
+    kept, feats = [], []
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        red = reduce_tokens(X[r.to(X.device)], budget, method=method, **cfg, **_signals(cache, method, r))
+        red = red.in_raster_order()
+        kept.append(red.kept)
+        feats.append(red.features)
+    return torch.cat(kept), (None if feats[0] is None else torch.cat(feats))
 
 
 def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Sequence[int] | None = None,
                   chunk: int = 64) -> torch.Tensor:
-    """Kept indices (n, min(K, N)) of the cached ``samples`` (default all) for one configuration."""
-    cfg = dict(config)
-    method = cfg.pop("method", "svd")
-    if method == "fastv":
-        raise ValueError("fastv prunes inside the language model: no kept set before it runs (see answer_fastv)")
-    X = cache.feature(cfg.pop("feature", default_feature(method)))
-    rows = torch.arange(X.shape[0]) if samples is None else torch.as_tensor(list(samples), dtype=torch.long)
-    if cache.grid[0] * cache.grid[1] == X.shape[1]:
-        cfg.setdefault("grid", cache.grid)
-    if method == "cls_attention" and cache.attention is None:
-        raise ValueError("cls_attention needs encode(..., attention=True)")
-    if method == "svd" and cfg.get("rank") is not None and budget < X.shape[1]:
-        # a fixed rank rule gives budget-independent scores: compute them once per configuration
-        key = ("scores", repr(sorted(config.items(), key=str)))
-        if key not in cache.memo:
-            kw = {k: v for k, v in cfg.items() if k != "grid"}
-            cache.memo[key] = torch.cat([score_tokens(X[s:s + chunk], "svd", **kw) for s in range(0, len(X), chunk)])
-        return top_k(cache.memo[key][rows.to(X.device)], budget)  # = select_svd (top_k of the same fp32 scores)
-    out = []
-    for s in range(0, len(rows), chunk):
-        r = rows[s:s + chunk].to(X.device)
-        sig = dict(cfg, attention=cache.attention[r]) if method == "cls_attention" else cfg
-        out.append(select_tokens(X[r], budget, method=method, **sig))
-    return torch.cat(out)
+    """Kept indices (n, min(K, N)) of the cached ``samples`` (default all) for one configuration (for a merging
+    method, the patches its output tokens stand at: :func:`reduce_cached`)."""
+    return reduce_cached(cache, config, budget, samples, chunk)[0]
 
 
 @torch.inference_mode()
 def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int], kept: torch.Tensor, *,
-                  max_new_tokens: int = 4, batch_size: int = 16) -> list[str]:
+                  features: torch.Tensor | None = None, tag: Any = None, max_new_tokens: int = 4,
+                  batch_size: int = 16) -> list[str]:
     """Greedy answers of ``samples`` when each keeps the tokens ``kept`` (len(samples), K) — the inputs
     the patched ``generate`` builds, by the same function (:func:`svdprune_utils.hf.inputs.keep_image_tokens`:
     placeholders cut to K, padding on the left; the K kept projected features as ``mm_encoder_outputs``).
-    Memoised in ``cache.memo``."""
+    ``features`` (len(samples), K, d_text): the LLM-space features to place instead (a merging method's), with
+    ``tag`` naming what made them (part of the memo key). Memoised in ``cache.memo``."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     image_id = model.config.image_token_id
     pad = pad_id(model)
     proj = cache.features["projected"]
     N, K = proj.shape[1], kept.shape[1]
-    keys = [(int(i), K, kept[j].cpu().numpy().tobytes()) for j, i in enumerate(samples)]
+    if features is not None and tag is None:
+        raise ValueError("answer_cached: features need a tag naming what made them (the memo key)")
+    keys = [(int(i), K, kept[j].cpu().numpy().tobytes()) + (() if features is None else (tag,))
+            for j, i in enumerate(samples)]
     todo = [j for j, key in enumerate(keys) if key not in cache.memo]
     for s in range(0, len(todo), batch_size):
         part = todo[s:s + batch_size]
@@ -196,7 +251,11 @@ def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int],
         rows = kept[part].to(proj.device)
         x = keep_image_tokens({"input_ids": ids, "attention_mask": mask}, rows, image_mask=ids == image_id,
                               tokens_per_image=N, pad_token_id=pad)
-        images = BaseModelOutputWithPooling(pooler_output=kept_features([proj[samples[j]] for j in part], rows))
+        if features is None:
+            feats = kept_features([proj[samples[j]] for j in part], rows)
+        else:
+            feats = list(features[torch.as_tensor(part, device=features.device)].to(proj))
+        images = BaseModelOutputWithPooling(pooler_output=feats)
         out = model.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
                              mm_encoder_outputs={"image": images}, max_new_tokens=max_new_tokens, do_sample=False)
         texts = processor.batch_decode(out[:, x["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -206,42 +265,56 @@ def answer_cached(model, processor, cache: FeatureCache, samples: Sequence[int],
 
 
 @torch.inference_mode()
-def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], budget: int, *,
-                 fastv_layer: int | None = None, max_new_tokens: int = 4, batch_size: int = 16):
-    """FastV on cached features: the model patched with ``method="fastv"`` generates from the full
-    prompts (N placeholders) with the cached projected features passed as ``mm_encoder_outputs``
-    (the tower is not re-run; the language model runs as in the faithful path, pruning at layer
-    ``fastv_layer``, default min(2, LLM layers − 1)). Returns (answers, kept (len(samples), K)); memoised."""
+def answer_in_llm(model, processor, cache: FeatureCache, samples: Sequence[int], budget: int, method: str = "fastv",
+                  *, max_new_tokens: int = 4, batch_size: int = 16, **patch_kwargs):
+    """An in-LLM method (FastV, SparseVLM) on cached features: the model patched with ``method`` (and
+    ``patch_kwargs``, e.g. ``fastv_layer``) generates from the full prompts (N placeholders) with the cached
+    projected features passed as ``mm_encoder_outputs`` (the tower is not re-run; the language model runs as in
+    the faithful path). Returns (answers, kept (len(samples), K): the image tokens that reach the last decoder
+    layer); memoised."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from ..hf.patch import patch_llava, unpatch_llava
 
-    layer = default_layer(model) if fastv_layer is None else int(fastv_layer)
+    if method not in IN_LLM:
+        raise ValueError(f"answer_in_llm runs the in-LLM methods {IN_LLM}, got {method!r}")
+    if method == "fastv" and patch_kwargs.get("fastv_layer") is None:
+        patch_kwargs["fastv_layer"] = default_layer(model)
     proj = cache.features["projected"]
     N = proj.shape[1]
     if budget >= N:  # nothing pruned: the same run as any method at full budget
         kept = torch.arange(N).expand(len(samples), -1)
         return answer_cached(model, processor, cache, samples, kept, max_new_tokens=max_new_tokens,
                              batch_size=batch_size), kept
-    keys = [(int(i), "fastv", int(budget), layer) for i in samples]
+    tag = (method, int(budget), repr(sorted(patch_kwargs.items(), key=str)))
+    keys = [(int(i), *tag) for i in samples]
     todo = [j for j, key in enumerate(keys) if key not in cache.memo]
     pad = pad_id(model)
-    patch_llava(model, method="fastv", budget=budget, fastv_layer=layer)
-    try:
-        for s in range(0, len(todo), batch_size):
-            part = todo[s:s + batch_size]
-            rows = [cache.prompts[samples[j]] for j in part]
-            ids, mask = _left_pad(rows, pad, proj.device)
-            images = BaseModelOutputWithPooling(pooler_output=[proj[samples[j]] for j in part])
-            out = model.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": images},
-                                 max_new_tokens=max_new_tokens, do_sample=False)
-            texts = processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            for j, text, k in zip(part, texts, model.svdprune.kept_indices.cpu()):
-                cache.memo[keys[j]] = (text.strip(), k)
-    finally:
-        unpatch_llava(model)
+    if todo:
+        patch_llava(model, method=method, budget=budget, **patch_kwargs)
+        try:
+            for s in range(0, len(todo), batch_size):
+                part = todo[s:s + batch_size]
+                rows = [cache.prompts[samples[j]] for j in part]
+                ids, mask = _left_pad(rows, pad, proj.device)
+                images = BaseModelOutputWithPooling(pooler_output=[proj[samples[j]] for j in part])
+                out = model.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": images},
+                                     max_new_tokens=max_new_tokens, do_sample=False)
+                texts = processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+                for j, text, k in zip(part, texts, model.svdprune.kept_indices.cpu()):
+                    cache.memo[keys[j]] = (text.strip(), k)
+        finally:
+            unpatch_llava(model)
     got = [cache.memo[key] for key in keys]
     return [g[0] for g in got], torch.stack([g[1] for g in got])
+
+
+def answer_fastv(model, processor, cache: FeatureCache, samples: Sequence[int], budget: int, *,
+                 fastv_layer: int | None = None, max_new_tokens: int = 4, batch_size: int = 16):
+    """FastV on cached features (:func:`answer_in_llm` with ``method="fastv"``), pruning at layer
+    ``fastv_layer`` (default min(2, LLM layers − 1)). Returns (answers, kept (len(samples), K)); memoised."""
+    return answer_in_llm(model, processor, cache, samples, budget, "fastv", fastv_layer=fastv_layer,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None = None):
@@ -313,13 +386,21 @@ def evaluate_cached(model, processor, cache: FeatureCache, configs: Mapping[str,
     for name, budget in tqdm([(c, int(b)) for c in configs for b in budgets], desc="config x budget",
                              disable=not progress):
         cfg = configs[name]
-        if cfg.get("method") == "fastv":
-            preds, kept = answer_fastv(model, processor, cache, samples, budget, fastv_layer=cfg.get("fastv_layer"),
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        method = cfg.get("method", "svd")
+        if method in IN_LLM:
+            extra = {k: v for k, v in cfg.items() if k != "method"}
+            preds, kept = answer_in_llm(model, processor, cache, samples, budget, method,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, **extra)
         else:
-            kept = select_cached(cache, cfg, budget, samples)
-            preds = answer_cached(model, processor, cache, samples, kept, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
+            kept, merged = reduce_cached(cache, cfg, budget, samples)
+            tag = None
+            if merged is not None:  # a merging method: the LLM reads its merged tokens, projected as the patch does
+                if cfg.get("feature", default_feature(method)) != "projected":
+                    with torch.inference_mode():
+                        merged = model.model.multi_modal_projector(merged)
+                tag = (method, budget, repr(sorted(cfg.items(), key=str)))
+            preds = answer_cached(model, processor, cache, samples, kept, features=merged, tag=tag,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
         kept = kept.to(ref.device)
         res = flo = np.full(n, np.nan)
         if residual:
@@ -329,7 +410,7 @@ def evaluate_cached(model, processor, cache: FeatureCache, configs: Mapping[str,
             tot = masks.sum(1).double()
             rec = torch.where(tot > 0, masks.gather(1, kept).sum(1) / tot.clamp_min(1), torch.nan).cpu().numpy()
         for j, i in enumerate(samples):
-            rows.append(dict(config=name, method=cfg.get("method", "svd"), budget=budget, tokens=min(budget, N),
+            rows.append(dict(config=name, method=method, budget=budget, tokens=int(kept.shape[1]),
                              index=i, qtype=cache.qtypes[i], prediction=preds[j], answer=cache.answers[i][0],
                              score=vqa_score(preds[j], cache.answers[i]), region_recall=float(rec[j]),
                              residual=float(res[j]), floor=float(flo[j])))
