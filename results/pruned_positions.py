@@ -1,6 +1,7 @@
-"""Why accuracy under pruning trails answer-region recall on the embedded model (README, "Reading it").
+"""Why accuracy under pruning trailed answer-region recall on the v1 embedded model (data/tiny-llava-shapes-v1;
+the finding that led to the v2 model, trained on pruned, compacted prompts: data/README.md).
 
-The tokens `svd` keeps (layer -2 features, budget K) on 240 ShapesVQA test questions, answered by the shipped
+The tokens `svd` keeps (layer -2 features, budget K) on 240 ShapesVQA test questions, answered by the v1
 tiny LLaVA (greedy first token, fast path of `svdprune_utils.testbed.tiny`) three ways: "compact" = kept tokens at
 consecutive positions (what `patch_llava` does), "fullpos" = at their positions in the 576-token prompt,
 "fullpos+bgw" = also with each kept background token standing for the dropped ones (`tiny._background_mask`).
@@ -15,7 +16,7 @@ from svdprune_utils.testbed import shapes as S
 from svdprune_utils.testbed import tiny as T
 
 torch.set_num_threads(2)
-m, _ = T.load_tiny(); m.set_attn_implementation('eager')
+m, _ = T.load_tiny(T.V1_PATH); m.set_attn_implementation('eager')
 ds = S.ShapesVQA('test', n=240, seed=0); enc = T._Encoded(ds)
 v = T.vocab(); img_id = v['<image>']; inv = {i: w for w, i in v.items()}
 res = {}

@@ -117,7 +117,8 @@ def test_eval_runs_the_peers_whose_signals_the_patch_computes(tmp_path, capsys):
     assert list(table["method"]) == ["vispruner", "cdpruner", "visionzip", "sparsevlm"]
     from svdprune_utils.hf.sparsevlm import schedule
 
-    last = schedule(16, 3, 576).counts[-1]  # the embedded model's 3 layers: SparseVLM's 16 is an average
+    layers = tiny.load_tiny()[0].config.text_config.num_hidden_layers  # the embedded model's (6)
+    last = schedule(16, layers, 576).counts[-1]  # SparseVLM's 16 is an average over the layers
     assert list(table["tokens"]) == [16, 16, 16, last] and last < 16
     assert cli(["eval", "--methods", "nope"]) == 2
     assert "visionzip" in capsys.readouterr().err  # the merging method is listed among the choices

@@ -154,8 +154,8 @@ def test_stage1_starts_from_the_v1_tower(tmp_path):
     from safetensors.torch import load_file
     r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
                    batch_size=4, eval_n=10, eval_every=1, log_every=1)
-    V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False, stage1_from=T.DEFAULT_PATH)
-    new, v1 = load_file(tmp_path / "m" / "model.safetensors"), load_file(T.DEFAULT_PATH / "model.safetensors")
+    V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False, stage1_from=T.V1_PATH)
+    new, v1 = load_file(tmp_path / "m" / "model.safetensors"), load_file(T.V1_PATH / "model.safetensors")
     tower = [k for k in v1 if "vision_tower" in k]
     assert tower and all(new[k].shape == v1[k].shape for k in tower)
     # one warmup step of lr 1e-5 away from the v1 tower (a fresh init differs by O(0.1))
@@ -212,7 +212,7 @@ def test_early_image_attention_is_the_image_share_of_text_after_the_image():
 
 def test_init_from_fine_tunes_every_weight_of_a_v2_model(tmp_path):
     from safetensors.torch import load_file
-    src = T.DEFAULT_PATH.parent / "tiny-llava-shapes-v2"
+    src = T.DEFAULT_PATH
     r = V.RecipeV2(finetune=(), stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
                    log_every=1, early_image_attention=1.0)
     V.train_v2(tmp_path / "f", seed=0, recipe=r, progress=False, init_from=src)
@@ -228,7 +228,7 @@ def test_a_fine_tuning_phase_equals_a_separate_run_from_the_previous_weights(tmp
     from dataclasses import replace
 
     from safetensors.torch import load_file
-    src = T.DEFAULT_PATH.parent / "tiny-llava-shapes-v2"
+    src = T.DEFAULT_PATH
     phase = dict(stage2_steps=3, stage2_images=8, stage2_lr=1e-4, warmup_steps=1, full_fraction=0.5,
                  qtype_weight={"twins": 3.0, "count": 2.0}, early_image_attention=1.0, eval_every=3)
     r = V.RecipeV2(stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,

@@ -5,7 +5,8 @@ Parameters (environment variables; the defaults run on a laptop CPU with nothing
 
     SVDPRUNE_MODEL    a local model directory or a hub id (default: the embedded tiny LLaVA, data/tiny-llava-shapes;
                       a GPU never switches the model by itself — name llava-hf/llava-1.5-7b-hf to use it)
-    SVDPRUNE_DATASET  "shapes" (ShapesVQA test split), a local VQA JSON, or a Hugging Face dataset id
+    SVDPRUNE_DATASET  "shapes" (ShapesVQA test split, every question type the model reads), a local VQA JSON, or a
+                      Hugging Face dataset id
     SVDPRUNE_LIMIT    questions (default: the notebook's own)
     SVDPRUNE_DEVICE   auto (CUDA when present), cpu or cuda
     SVDPRUNE_FIGURES  where figures go (default figures/)
@@ -48,6 +49,7 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
     from ..hf.fastv import default_layer
     from ..hf.patch import tokens_per_image
     from ..testbed import tiny
+    from ..testbed.check import readable_qtypes
     from ..testbed.shapes import ShapesVQA
     from .plotting import figures_dir
 
@@ -61,7 +63,7 @@ def setup(limit: int, dpi: int = 80, seed: int = 0) -> SimpleNamespace:
                   DEVICE=os.environ.get("SVDPRUNE_DEVICE", "auto"))
     model, processor = load_model(params["MODEL"], device=params["DEVICE"])
     if params["DATASET"] == "shapes":
-        dataset = ShapesVQA(split="test", n=params["LIMIT"], seed=seed)
+        dataset = ShapesVQA(split="test", n=params["LIMIT"], seed=seed, qtypes=readable_qtypes(processor))
     else:
         dataset = load_vqa(params["DATASET"], split="validation", limit=params["LIMIT"])
     n_tokens = tokens_per_image(model)

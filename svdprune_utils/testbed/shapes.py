@@ -77,7 +77,7 @@ DIGITS = ("1", "2", "3", "4")
 QTYPES = ("color", "shape", "exist", "count", "quadrant", "digit")
 NEW_QTYPES = ("twins", "big", "relation", "background")
 """Types where leverage is not favoured by construction (opt-in: ``SceneConfig(qtypes=ALL_QTYPES)``; the default
-``QTYPES`` keep the scenes the shipped model was trained and evaluated on)."""
+``QTYPES`` keep the scenes the v1 model was trained and evaluated on)."""
 ALL_QTYPES = QTYPES + NEW_QTYPES
 TONES = ("light", "dark")
 TONE_LEVELS = {"light": (170.0, 205.0), "dark": (95.0, 130.0)}  # background grey level of a "background" scene

@@ -27,9 +27,10 @@ The from-scratch decoder needs the grounding loss: without it, it learns the one
 depend on the question's words (the card's digit) and stays on the answer prior for all others
 (data/README.md has the measurements). A pretrained LLM brings that skill; this one learns it here.
 
-The shipped ``data/tiny-llava-shapes`` is this recipe's output (seed 0, 46 min on 2 CPU cores): test
-accuracy 0.998 at 576 tokens, 0.29 with 16 random tokens (chance 0.30); data/README.md has the curve, the
-runs that led to the recipe and the license.
+``data/tiny-llava-shapes-v1`` is this recipe's output (seed 0, 46 min on 2 CPU cores; the embedded model until
+the v2 recipe, :mod:`.train_v2`, replaced it): test accuracy 0.998 at 576 tokens, 0.29 with 16 random tokens
+(chance 0.30); data/README.md has the curve, the runs that led to the recipe and the license. Its stage 1 is the
+start of the v2 recipe's.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ from ..hf.inputs import LLAVA_PROMPT, keep_image_tokens
 from . import shapes as S
 
 NAME = "tiny-llava-shapes"
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / NAME
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / NAME  # the embedded model (v2 recipe, train_v2.py)
+V1_PATH = Path(__file__).resolve().parents[2] / "data" / f"{NAME}-v1"  # this module's recipe, kept for provenance
 TRAIN_PATH = Path(__file__).resolve().parents[2] / "out" / NAME  # train_tiny's default: never the shipped model
 PROMPT = LLAVA_PROMPT
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -70,7 +72,7 @@ def auto_device(device: str = "auto") -> torch.device:
 
 def vocab() -> dict[str, int]:
     """Word-level vocabulary: specials, prompt words, question words, answers of ``shapes.QTYPES``, then the words
-    only ``shapes.NEW_QTYPES`` use (appended, so that every original word keeps the id the shipped model reads)."""
+    only ``shapes.NEW_QTYPES`` use (appended, so that every original word keeps the id the v1 model reads)."""
     words = SPECIAL + ["USER:", "ASSISTANT:"] + S.question_vocab() + S.answer_vocab()
     words += S.question_vocab(S.ALL_QTYPES) + S.answer_vocab(S.ALL_QTYPES)
     out: dict[str, int] = {}
@@ -163,7 +165,7 @@ def build_model(sizes: TinySizes = TinySizes(), seed: int = 0):
 
 
 def load_tiny(path: str | Path = DEFAULT_PATH, device: str = "cpu"):
-    """(model, processor) from ``path`` (default: the shipped ``data/tiny-llava-shapes``), offline, eval mode."""
+    """(model, processor) from ``path`` (default: the embedded ``data/tiny-llava-shapes``), offline, eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(str(path)).to(auto_device(device)).eval()
@@ -748,7 +750,7 @@ def train_tiny(out_dir: str | Path = TRAIN_PATH, seed: int = 0, device: str = "a
     return {k[4:]: v for k, v in log[-1].items() if k.startswith("val_")}
 
 
-def evaluate_tiny(path: str | Path = DEFAULT_PATH, n_test: int = 600, seed: int = 0,
+def evaluate_tiny(path: str | Path = V1_PATH, n_test: int = 600, seed: int = 0,
                   budgets=(None, 64, 16), write: bool = True) -> dict:
     """Test-split accuracy of the model at ``path`` (greedy first token, fast path) at full 576
     tokens and with K random tokens per ``budgets``, plus ``slice200``: the first 200 test

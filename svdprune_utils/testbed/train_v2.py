@@ -1,6 +1,6 @@
 """Recipe v2 of the embedded tiny LLaVA (issue 16): a model on which accuracy under pruning measures the selection.
 
-What changes from the shipped model's recipe (:mod:`.tiny`), and why:
+What changes from the v1 recipe (:mod:`.tiny`, data/tiny-llava-shapes-v1), and why:
 
 - **Six decoder layers**, the grounded lookups at layers 2 and 3 (``RecipeV2.grounding_layers``): FastV's default
   cut (K = 2) then comes before the image is read, as in LLaVA-1.5 (2 of 32 layers), instead of after it.
@@ -304,7 +304,7 @@ GROUND_WORDS = (*S.COLORS, *S.SHAPES, *S.PLURALS.values(), "card", "big", "backg
 
 def grounding_loss(attentions, layers, ids, image_index, dense, regions, answers, image_token_id):
     """Grounding on head 0 of ``layers`` = (a, b), as :func:`.tiny._grounding_loss` at layers 0 and 1 of the
-    shipped model, with the new types' words: layer a, from every colour / shape / "card" / "big" /
+    v1 model, with the new types' words: layer a, from every colour / shape / "card" / "big" /
     "background" word, the mass on the present patches it names; layer b, from the question's last key word
     the mass on the answer region (count and twins: n/(n+1) on the objects, 1/(n+1) on ``<s>``; relation:
     from each named shape word onto its own object)."""
@@ -464,7 +464,7 @@ def train_v2(out_dir, seed: int = 0, recipe: RecipeV2 = RecipeV2(), progress: bo
     (seconds of this call) stops early after a checkpoint, to be resumed later. With ``stage1_init="v1"`` the
     tower starts from the v1 recipe's stage 1: run here (``tiny.train_tiny`` with no stage-2 steps, into
     ``out_dir/v1_stage1``), or loaded from ``stage1_from`` (a model directory whose tower is that stage's output,
-    e.g. the shipped v1 ``data/tiny-llava-shapes``: its stage 1 is deterministic). ``init_from``: a v2 model whose
+    e.g. the v1 model ``data/tiny-llava-shapes-v1``: its stage 1 is deterministic). ``init_from``: a v2 model whose
     weights (all of them) start stage 2, stage 1 skipped (with ``RecipeV2(finetune=())`` and a short stage 2, a
     fine-tuning run). After stage 2, each ``recipe.finetune`` phase (stage 3, 4, ...). Returns the last validation
     row, or ``{"stopped": ..., "stage", "step"}`` when ``time_budget`` ran out."""
