@@ -158,3 +158,59 @@ def test_the_peers_cached_signals_and_their_errors(setup):
         answer_cached(model, processor, cache, [0], kept[:1], features=merged[:1])
     with pytest.raises(ValueError, match="in-LLM methods"):
         answer_in_llm(model, processor, cache, [0], 16, "svd")
+
+
+@pytest.mark.parametrize("method, feature", [("visionzip", None), ("visionzip", "projected"), ("vispruner", None),
+                                             ("cdpruner", None)])
+def test_the_cached_reduction_hands_the_llm_the_patchs_features(setup, method, feature):
+    """What the language model receives per image — kept positions and their features (VisionZip: merged tokens,
+    projected as the patch projects them) — equals the patch's own (``prune_inputs``), to float precision."""
+    from svdprune_utils.analysis.ablation import reduce_cached
+    from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
+    model, processor, data, cache = setup
+    cfg = {"method": method} if feature is None else {"method": method, "feature": feature}
+    kept, merged = reduce_cached(cache, cfg, 24, samples=[0, 1])
+    if merged is not None and feature != "projected":
+        with torch.inference_mode():
+            merged = model.model.multi_modal_projector(merged)
+    got = merged if merged is not None else torch.stack([cache.features["projected"][i][kept[j]]
+                                                          for j, i in enumerate([0, 1])])
+    x = processor(images=[data[i]["image"] for i in (0, 1)],
+                  text=[tiny.PROMPT.format(question=data[i]["question"]) for i in (0, 1)], return_tensors="pt",
+                  padding=True)
+    patch_llava(model, method=method, budget=24, **({} if feature is None else {"feature": feature}))
+    try:
+        with torch.inference_mode():
+            p = prune_inputs(model, **x)
+    finally:
+        unpatch_llava(model)
+    assert torch.equal(p.kept.cpu(), kept.cpu())
+    ref = torch.stack(list(p.inputs["mm_encoder_outputs"]["image"].pooler_output))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_cached_answers_visionzip_from_its_merged_tokens(setup, monkeypatch):
+    # the answers of a random model barely move when 4 of 24 tokens change, so check what evaluate_cached passes on
+    import svdprune_utils.analysis.ablation as A
+    from svdprune_utils.hf.patch import patch_llava, prune_inputs, unpatch_llava
+    model, processor, data, cache = setup
+    seen = []
+    real = A.answer_cached
+
+    def spy(*args, **kw):
+        seen.append(kw.get("features"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "answer_cached", spy)
+    A.evaluate_cached(model, processor, cache, {"vz": {"method": "visionzip"}}, [24], samples=[0, 1], residual=False)
+    x = processor(images=[data[i]["image"] for i in (0, 1)],
+                  text=[tiny.PROMPT.format(question=data[i]["question"]) for i in (0, 1)], return_tensors="pt",
+                  padding=True)
+    patch_llava(model, method="visionzip", budget=24)
+    try:
+        with torch.inference_mode():
+            ref = torch.stack(list(prune_inputs(model, **x).inputs["mm_encoder_outputs"]["image"].pooler_output))
+    finally:
+        unpatch_llava(model)
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(seen[0], ref, rtol=1e-5, atol=1e-6)
