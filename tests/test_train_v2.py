@@ -152,8 +152,8 @@ def test_training_resumes_bit_identically(tmp_path):
 
 def test_stage1_starts_from_the_v1_tower(tmp_path):
     from safetensors.torch import load_file
-    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
-                   batch_size=4, eval_n=10, eval_every=1, log_every=1)
+    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2,
+                   stage2_steps=1, batch_size=4, eval_n=10, eval_every=1, log_every=1)
     V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False, stage1_from=T.V1_PATH)
     new, v1 = load_file(tmp_path / "m" / "model.safetensors"), load_file(T.V1_PATH / "model.safetensors")
     tower = [k for k in v1 if "vision_tower" in k]
@@ -185,8 +185,8 @@ def test_without_stage1_from_the_v1_stage_1_runs_first(tmp_path, monkeypatch):
         T.build_model(seed=123).save_pretrained(out_dir)
 
     monkeypatch.setattr(T, "train_tiny", fake_train_tiny)
-    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2, stage2_steps=1,
-                   batch_size=4, eval_n=10, eval_every=1, log_every=1)
+    r = V.RecipeV2(finetune=(), stage1_samples=16, stage1_batch_size=16, stage2_images=8, stage2_questions=2,
+                   stage2_steps=1, batch_size=4, eval_n=10, eval_every=1, log_every=1)
     V.train_v2(tmp_path / "m", seed=0, recipe=r, progress=False)
     assert len(calls) == 1 and calls[0][0] == tmp_path / "m" / "v1_stage1"
     assert calls[0][1]["stage2_steps"] == 0 and calls[0][1]["seed"] == 0
@@ -213,8 +213,8 @@ def test_early_image_attention_is_the_image_share_of_text_after_the_image():
 def test_init_from_fine_tunes_every_weight_of_a_v2_model(tmp_path):
     from safetensors.torch import load_file
     src = T.DEFAULT_PATH
-    r = V.RecipeV2(finetune=(), stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10, eval_every=2,
-                   log_every=1, early_image_attention=1.0)
+    r = V.RecipeV2(finetune=(), stage2_images=8, stage2_questions=2, stage2_steps=2, batch_size=4, eval_n=10,
+                   eval_every=2, log_every=1, early_image_attention=1.0)
     V.train_v2(tmp_path / "f", seed=0, recipe=r, progress=False, init_from=src)
     new, old = load_file(tmp_path / "f" / "model.safetensors"), load_file(src / "model.safetensors")
     assert new.keys() == old.keys()
