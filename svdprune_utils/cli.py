@@ -275,6 +275,8 @@ def _train_tiny(args: argparse.Namespace) -> int:
         raise UserError(f"--stage1-from {args.stage1_from}: path not found")
     over = {k: v for k, v in dict(stage1_samples=args.stage1_samples, stage2_images=args.stage2_images,
                                   stage2_steps=args.stage2_steps).items() if v is not None}
+    if args.recipe == "v2" and args.workers != 1:
+        raise UserError("--workers is for --recipe v1 (the v2 recipe renders its scenes in the main process)")
     if args.recipe == "v2":
         from dataclasses import replace
 

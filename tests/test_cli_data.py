@@ -140,6 +140,7 @@ def test_eval_positions_is_a_column_and_a_resume_key(tmp_path, capsys):
 def test_train_tiny_user_errors_and_default_output(capsys):
     assert cli(["train-tiny", "--stage2-steps", "0"]) == 2
     assert cli(["train-tiny", "--stage1-from", "/no/such/run"]) == 2
+    assert cli(["train-tiny", "--workers", "2"]) == 2  # v2 (the default) renders in the main process
     assert "path not found" in capsys.readouterr().err
     assert tiny.TRAIN_PATH != tiny.DEFAULT_PATH and "out" in tiny.TRAIN_PATH.parts
     import inspect
