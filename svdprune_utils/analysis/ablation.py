@@ -5,8 +5,8 @@ the selection signals do not depend on the budget. Here :func:`encode` calls ``g
 once per image (the call the patch wraps) and caches, in a :class:`FeatureCache`, the patch features of
 the requested tower layers, the projected features, the CLS→patch attention at the feature layer, the
 tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then selects with
-``select_tokens`` on the cached features and answers greedily with ``generate`` on the inputs the patched
-``generate`` builds, by the same apply step (:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected
+``reduce_tokens`` (every selector, and VisionZip's merge) on the cached features and answers greedily with
+``generate`` on the inputs the patched ``generate`` builds, by the same apply step (:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected
 features as ``mm_encoder_outputs``), so the answers are the faithful path's (``tests/test_ablation.py``).
 The peers' signals are cached too (the CLS→patch attention, mean and sum over heads, and the feature layer's
 keys for VisPruner and VisionZip; CDPruner's instruction relevance, :func:`~svdprune_utils.hf.signals.
@@ -34,10 +34,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ipywidgets here)
 
-from ..core.selection import default_feature, score_tokens, select_tokens, top_k
+from ..core.reduction import REDUCERS, reduce_tokens
+from ..core.selection import default_feature, score_tokens, top_k
 from ..core.validate import unit_scale
 from ..hf.attention import vision_cls_attention
-from ..core.reduction import REDUCERS, reduce_tokens
 from ..hf.fastv import default_layer
 from ..hf.inputs import keep_image_tokens, kept_features
 from ..hf.prune import IN_LLM, pad_id
