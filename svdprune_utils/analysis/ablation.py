@@ -7,7 +7,8 @@ the requested tower layers, the projected features, the CLS→patch attention at
 tokenized prompts, answers and answer-region masks. :func:`evaluate_cached` then selects with
 ``reduce_tokens`` (every selector, and VisionZip's merge) on the cached features and answers greedily with
 ``generate`` on the inputs the patched ``generate`` builds, by the same apply step
-(:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected features as ``mm_encoder_outputs``), so the answers are the faithful path's (``tests/test_ablation.py``).
+(:func:`svdprune_utils.hf.inputs.keep_image_tokens`, kept projected features as ``mm_encoder_outputs``), so the
+answers are the faithful path's (``tests/test_ablation.py``).
 The peers' signals are cached too (the CLS→patch attention, mean and sum over heads, and the feature layer's
 keys for VisPruner and VisionZip; CDPruner's instruction relevance, :func:`~svdprune_utils.hf.signals.
 instruction_relevance`), and VisionZip's merged tokens are projected as the patch projects them. FastV and SparseVLM,
