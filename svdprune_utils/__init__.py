@@ -25,6 +25,7 @@ from .core.metrics import (
     optimal_residual,
     positional_bias,
     projection_residual,
+    redundancy,
     region_recall,
     spatial_stats,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "projection_residual",
     "optimal_residual",
     "spatial_stats",
+    "redundancy",
     "positional_bias",
     "jaccard",
     "region_recall",

@@ -157,7 +157,7 @@ def test_positional_table():
     assert t.loc[("svd", 24), "mean_kept_row"] == 23  # read from svd@24: the last row
     assert t.loc[("svd", 48), "mean_kept_row"] == 0.5  # read from svd@48: the first two rows
     assert abs(t.loc[("random", 24), "spearman_index"]) < 0.1
-    assert t.loc[("early", 24), "dispersion"] < t.loc[("random", 24), "dispersion"]
+    assert t.loc[("early", 24), "spread"] < t.loc[("random", 24), "spread"]
 
 
 @pytest.mark.parametrize("rows, band", [([0, 5], "top"), ([12, 23], "bottom"), ([11, 12], "both"), ([], "none")])

@@ -188,3 +188,33 @@ def test_budget_table_refuses_bad_arguments():
             budget_table(CFG, ["svd"], bad, 64, 576)
     with pytest.raises(ValueError, match="n_img must be an int >= 1"):
         budget_table(CFG, ["svd"], [64], 64, 0)
+
+
+def test_equal_flops_budget_against_a_linear_scan_of_the_closed_form():
+    """The pre-LLM budget at equal prefill compute, against a scan over every K' of the Llama formula written out
+    here (d = 4096, d_kv = 4096, m = 11008, 32 layers for LLaVA-1.5-7B)."""
+    from svdprune_utils.analysis.efficiency import budget_table, equal_flops_budget
+
+    d, dkv, m, L = 4096, 4096, 11008, 32
+
+    def layer(n):
+        return 2 * n * (2 * d * d + 2 * d * dkv) + 4 * n * n * d + 6 * n * d * m
+
+    def scan(target, n_text):
+        return max(k for k in range(577) if L * layer(n_text + k) <= target)
+
+    n_text = 64
+    for budget in (64, 32, 16):
+        fastv = 2 * layer(n_text + 576) + 30 * layer(n_text + budget)
+        got = equal_flops_budget(CFG, "fastv", budget, n_text, 576)
+        assert got == scan(fastv, n_text)
+        assert L * layer(n_text + got) <= fastv < L * layer(n_text + got + 1)  # the largest such budget
+        assert got > budget  # FastV's first two layers read all 576 tokens
+        assert equal_flops_budget(CFG, "svd", budget, n_text, 576) == budget  # pre-LLM: the budget itself
+    sparse = 3 * layer(640) + 4 * layer(130) + 9 * layer(98) + 16 * layer(84)  # schedule of the test above
+    assert equal_flops_budget(CFG, "sparsevlm", 64, n_text, 576) == scan(sparse, n_text)
+    assert equal_flops_budget(CFG, "fastv", 576, n_text, 576) == 576
+    assert equal_flops_budget(CFG, "fastv", 64, n_text, 576, fastv_layer=0) == 64  # cut before layer 0: pre-LLM
+    df = budget_table(CFG, ["svd", "fastv"], [64], n_text, 576).set_index("method")
+    assert df.loc["fastv", "equal_flops_budget"] == scan(2 * layer(640) + 30 * layer(128), n_text)
+    assert df.loc["svd", "equal_flops_budget"] == 64

@@ -55,12 +55,12 @@ def test_spatial_stats():
     all_kept = spatial_stats(np.arange(576))
     assert all_kept["coverage"] == 0.0 and all_kept["mean_row"] == pytest.approx(11.5)
     corner = spatial_stats([0])
-    assert corner["mean_row"] == 0 and corner["dispersion"] == 0.0 and corner["coverage"] > 10
+    assert corner["mean_row"] == 0 and corner["spread"] == 0.0 and corner["coverage"] > 10
     bottom = spatial_stats(np.arange(576 - 48, 576))
     assert bottom["mean_row"] == pytest.approx(22.5)
     spread = spatial_stats(select_tokens(torch.ones(576, 2), 64, "uniform"))
     assert spread["coverage"] < spatial_stats(np.arange(64))["coverage"]
-    assert spread["dispersion"] > spatial_stats(np.arange(64))["dispersion"]
+    assert spread["spread"] > spatial_stats(np.arange(64))["spread"]
 
 
 def test_positional_bias_statistics():
@@ -145,3 +145,24 @@ def test_read_only_arrays_are_accepted_silently():
         leverage_scores(X, rank=3)
         select_tokens(X, 4, "svd")
         projection_residual(X, [0, 1])
+
+
+def test_redundancy_hand_computed_and_against_sklearn():
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    from svdprune_utils.core.metrics import redundancy
+
+    X = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # mean token 0
+    assert redundancy(X, [0, 1]) == pytest.approx(-1.0)
+    assert redundancy(X, [0, 2]) == pytest.approx(0.0)
+    assert redundancy(X, [2, 0, 1]) == pytest.approx(-1.0 / 3.0)
+    assert redundancy(X + 5.0, [0, 1]) == pytest.approx(-1.0)  # a shared offset is not repetition
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(50, 8)) + 3.0
+    kept = np.array([3, 7, 11, 40, 41])
+    C = cosine_similarity(Y[kept] - Y.mean(axis=0))
+    assert redundancy(torch.as_tensor(Y, dtype=torch.float32), kept) == pytest.approx(
+        C[np.triu_indices(5, 1)].mean(), abs=1e-6)
+    for bad in ([1], [], [1, 1]):
+        with pytest.raises(ValueError):
+            redundancy(X, bad)

@@ -279,7 +279,7 @@ def positional_table(scores: dict, budgets, grid: tuple[int, int] = (24, 24), me
     scores: {name: (n, N)} as from :func:`collect_scores`; a method "svd" at budget K reads "svd@K"
     when present (rank = budget, the selector's default). Columns: method, K, mean_kept_row,
     mean_kept_col, row_shift, spearman_index, spearman_row (:func:`~svdprune_utils.core.metrics.positional_bias`),
-    coverage, dispersion (:func:`~svdprune_utils.core.metrics.spatial_stats`).
+    coverage, spread (:func:`~svdprune_utils.core.metrics.spatial_stats`).
     """
     if methods is None:
         methods = list(dict.fromkeys(k.split("@")[0] for k in scores))
@@ -292,7 +292,7 @@ def positional_table(scores: dict, budgets, grid: tuple[int, int] = (24, 24), me
             for si, ki in zip(s, kept):
                 sp = spatial_stats(ki, grid)
                 stats.append({**positional_bias(si, K, grid),
-                              "coverage": sp["coverage"], "dispersion": sp["dispersion"]})
+                              "coverage": sp["coverage"], "spread": sp["spread"]})
             rows.append({"method": m, "K": int(K), **pd.DataFrame(stats).mean().to_dict()})
     return pd.DataFrame(rows)
 

@@ -12,7 +12,9 @@ With d_kv = d this is 2·(4nd² + 2n²d + 3ndm); ``formula="fastv"`` gives FastV
 Pruning inside the LLM counts each layer at the length it processes: FastV's layers < K at the full length and
 the rest at the pruned one; SparseVLM's stages by its schedule (a pruning layer still processes its input, only
 its output is cut). :func:`llm_tokens` gives the lengths per layer for every method and :func:`budget_table`
-what a budget means for each (tokens entering the LLM, image tokens per layer, prefill FLOPs). The vision tower
+what a budget means for each (tokens entering the LLM, image tokens per layer, prefill FLOPs), and
+:func:`equal_flops_budget` the pre-LLM budget that costs what an in-LLM method costs (to compare them at equal
+compute, as the field reports FastV and SparseVLM, next to equal tokens). The vision tower
 and the LM head are excluded (they do not change with the budget).
 
 KV cache: 2 (k and v) · n_kv · h · n · bytes(dtype) per layer, summed over layers.
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "text_config", "llm_tokens", "budget_table", "prefill_flops",
+    "text_config", "llm_tokens", "budget_table", "equal_flops_budget", "prefill_flops",
     "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
     "synchronize", "time_call", "selection_time", "prefill_table",
 ]
@@ -73,13 +75,30 @@ def llm_tokens(config: Any, method: str, budget: int, n_text: int, n_img: int, f
     return [n_text + budget] * L
 
 
+def equal_flops_budget(config: Any, method: str, budget: int, n_text: int, n_img: int, fastv_layer: int = 2) -> int:
+    """The pre-LLM budget at equal prefill compute: the largest K' <= ``n_img`` whose pre-LLM prefill (K' image
+    tokens in every decoder layer) costs no more decoder FLOPs than ``method`` at ``budget`` (per layer as in
+    :func:`llm_tokens`). For a pre-LLM method this is min(budget, n_img); for FastV and SparseVLM it is larger,
+    since their first layers read every image token. One prompt of ``n_text`` text tokens and one image."""
+    target = prefill_flops(config, 0, per_layer=llm_tokens(config, method, int(budget), n_text, n_img, fastv_layer))
+    lo, hi = 0, int(n_img)  # prefill FLOPs grow with the token count: bisect for the last K' within the target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prefill_flops(config, n_text + mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_layer: int = 2):
     """What a budget means for each method, for one prompt of ``n_text`` text tokens and one image of ``n_img``
     image tokens (576 for LLaVA-1.5), as a DataFrame: tokens_entering_llm (image tokens per image at the
     decoder's input), image_tokens_last_layer, image_tokens_per_layer (mean over the decoder layers of what each
     processes), official_average (SparseVLM's own counter, which counts a pruning layer at its pruned output; NaN
     for the others), flops_ratio (decoder prefill FLOPs to the unpruned prompt's) and kv_ratio (KV-cache size, same
-    ratio). Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
+    ratio) and equal_flops_budget (the pre-LLM budget of the same prefill FLOPs: :func:`equal_flops_budget`).
+    Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
     import pandas as pd
 
     from ..hf.prune import known_methods
@@ -111,7 +130,8 @@ def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_l
                          "image_tokens_last_layer": per[-1] - n_text,
                          "image_tokens_per_layer": sum(per) / L - n_text, "official_average": official,
                          "flops_ratio": prefill_flops(config, 0, per_layer=per) / full,
-                         "kv_ratio": sum(per) / (L * (n_text + n_img))})
+                         "kv_ratio": sum(per) / (L * (n_text + n_img)),
+                         "equal_flops_budget": equal_flops_budget(config, method, int(b), n_text, n_img, fastv_layer)})
     return pd.DataFrame(rows)
 
 

@@ -2,7 +2,9 @@
 
 - How much of X the kept tokens span: :func:`projection_residual` against the Eckart–Young floor
   :func:`optimal_residual` (no K rows can do better than the best rank-K approximation).
-- Where the kept tokens are on the patch grid: :func:`spatial_stats` (coverage, dispersion).
+- How much the kept tokens repeat each other: :func:`redundancy` (with the residual, the measure of the paper's
+  "information dispersion" used in notebook 04).
+- Where the kept tokens are on the patch grid: :func:`spatial_stats` (coverage, spread).
 - Whether a score favours positions: :func:`positional_bias` (mean kept row/column, rank correlation
   of the score with the token index and with the row).
 - Agreement between selections: :func:`jaccard`; answer-region recall: :func:`region_recall`.
@@ -26,6 +28,7 @@ __all__ = [
     "projection_residual",
     "optimal_residual",
     "spatial_stats",
+    "redundancy",
     "positional_bias",
     "jaccard",
     "region_recall",
@@ -104,7 +107,7 @@ def spatial_stats(kept: Any, grid: tuple[int, int] = (24, 24)) -> dict[str, floa
     """Where the kept tokens lie on the H×W patch grid (distances in patches).
 
     Returns ``mean_row``/``mean_col`` (0 = top/left), ``coverage`` (mean distance from every grid cell
-    to its nearest kept token: small = the image is covered), ``dispersion`` (mean pairwise distance of
+    to its nearest kept token: small = the image is covered), ``spread`` (mean pairwise distance of
     kept tokens: small = clumped) and ``row_std``.
     """
     H, W = int(grid[0]), int(grid[1])
@@ -117,16 +120,35 @@ def spatial_stats(kept: Any, grid: tuple[int, int] = (24, 24)) -> dict[str, floa
     d_cells = np.sqrt(((cells[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).min(axis=1)
     if idx.size > 1:
         pd = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
-        dispersion = float(pd[np.triu_indices(idx.size, 1)].mean())
+        spread = float(pd[np.triu_indices(idx.size, 1)].mean())
     else:
-        dispersion = 0.0
+        spread = 0.0
     return {
         "mean_row": float(r.mean()),
         "mean_col": float(c.mean()),
         "row_std": float(r.std()),
         "coverage": float(d_cells.mean()),
-        "dispersion": dispersion,
+        "spread": spread,
     }
+
+
+def redundancy(X: Any, kept: Any) -> float:
+    """Mean cosine similarity between pairs of kept tokens, after subtracting the image's mean token.
+
+    X: (N, d) features of one image; kept: indices of at least two distinct kept rows. The mean token (over all
+    N) is removed first, so that an offset every token shares does not count as repetition. 1: the kept tokens
+    say the same thing; about 0: they point in unrelated directions. A kept row equal to the mean token has no
+    direction and counts as 0 in its pairs. fp64.
+    """
+    A = _single(X)
+    idx = _indices(kept, A.shape[0])
+    if idx.size < 2:
+        raise ValueError(f"redundancy needs at least two kept tokens, got {idx.size}")
+    S = A[idx] - A.mean(axis=0)
+    norms = np.linalg.norm(S, axis=1)
+    S = np.divide(S, norms[:, None], out=np.zeros_like(S), where=norms[:, None] > 0)
+    C = S @ S.T
+    return float(C[np.triu_indices(idx.size, 1)].mean())
 
 
 def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
