@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdprune_utils.analysis.ablation import encode, evaluate_cached, residuals, select_cached
+from svdprune_utils.analysis.ablation import encode, evaluate_cached, reduce_cached, residuals, select_cached
 from svdprune_utils.analysis.evaluate import evaluate
 from svdprune_utils.core.metrics import optimal_residual, projection_residual
 from svdprune_utils.core.selection import select_tokens
@@ -81,6 +81,28 @@ def test_select_cached_is_select_tokens_on_the_cached_features(setup):
         select_cached(cache, {"method": "fastv"}, 16)
 
 
+def test_reduce_cached_memoises_plain_configs_only(setup, monkeypatch):
+    """A selection asked twice runs once (same kept set, a copy the caller may change); other samples or a config
+    holding a numpy value are not served from the memo."""
+    import svdprune_utils.analysis.ablation as ab
+
+    _, _, _, cache = setup
+    cache.memo.clear()
+    calls = []
+    orig = ab.reduce_tokens
+    monkeypatch.setattr(ab, "reduce_tokens", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    first, _ = reduce_cached(cache, {"method": "divprune"}, 8)
+    first[0, 0] = -1  # the caller's copy
+    again, _ = reduce_cached(cache, {"method": "divprune"}, 8)
+    assert len(calls) == 1 and again[0, 0] != -1
+    assert torch.equal(again, select_tokens(cache.feature("projected"), 8, "divprune"))
+    part, _ = reduce_cached(cache, {"method": "divprune"}, 8, samples=[1])
+    assert len(calls) == 2 and torch.equal(part, again[1:2])
+    for _ in range(2):
+        reduce_cached(cache, {"method": "vispruner", "important_ratio": np.float32(0.5)}, 8)
+    assert len(calls) == 4  # a numpy value in the config: no memo
+
+
 def test_evaluate_cached_rejects_samples_outside_the_cache(setup):
     model, processor, _, cache = setup
     with pytest.raises(ValueError, match=f"index the {N_SAMPLES} cached questions"):
@@ -97,6 +119,27 @@ def test_residuals_match_the_metrics(setup):
             assert res[i] == pytest.approx(projection_residual(X[i], kept[i]), abs=1e-9)
             assert floor[i] == pytest.approx(optimal_residual(X[i], K), abs=1e-9)
             assert res[i] >= floor[i] - 1e-9
+
+
+def test_redundancies_match_the_metric_per_sample():
+    """The batched redundancy equals sp.redundancy sample by sample, a kept row equal to the mean token included."""
+    from svdprune_utils.analysis.ablation import redundancies
+    from svdprune_utils.core.metrics import redundancy
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 30, 8, generator=g, dtype=torch.float64) * 50 + 7
+    X[1, 4] = X[1].mean(0)  # this row has no direction once the mean token is removed
+    X[1, 4] = X[1, 4] + (X[1].mean(0) - X[1, 4]) * 30 / 29  # exactly the mean of all 30 rows
+    kept = torch.tensor([[0, 5, 9, 29], [4, 2, 3, 7], [28, 1, 12, 13]])
+    got = redundancies(X, kept)
+    for i in range(3):
+        assert got[i] == pytest.approx(redundancy(X[i], kept[i]), abs=1e-9)
+    U = (X[1] - X[1].mean(0))[[2, 3, 7]].numpy()
+    U = U / np.linalg.norm(U, axis=1, keepdims=True)
+    C = U @ U.T
+    assert got[1] == pytest.approx((C[0, 1] + C[0, 2] + C[1, 2]) / 6, abs=1e-9)  # row 4's three pairs count 0
+    with pytest.raises(ValueError, match="two kept"):
+        redundancies(X, kept[:, :1])
 
 
 def test_same_kept_set_runs_the_language_model_once(setup, monkeypatch):

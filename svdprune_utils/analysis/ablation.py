@@ -184,7 +184,8 @@ def reduce_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
                   chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(kept (n, min(K, N)), features) of the cached ``samples`` (default all) for one configuration, as the
     patch's selection step computes them (``reduce_tokens(...).in_raster_order()``): ``features`` is None for a
-    selection, the (n, K, d) merged features in the scored space for a merging method (VisionZip)."""
+    selection, the (n, K, d) merged features in the scored space for a merging method (VisionZip). Memoised in
+    ``cache.memo`` when every value of ``config`` is a plain scalar, string or tuple (the memo key is its repr)."""
     cfg = dict(config)
     method = cfg.pop("method", "svd")
     if method in IN_LLM:
@@ -209,6 +210,11 @@ def reduce_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
             kw = {k: v for k, v in cfg.items() if k != "grid"}
             cache.memo[mkey] = torch.cat([score_tokens(X[s:s + chunk], "svd", **kw) for s in range(0, len(X), chunk)])
         return top_k(cache.memo[mkey][rows.to(X.device)], budget), None  # = select_svd (top_k of the same scores)
+    plain = all(isinstance(v, (str, int, float, bool, type(None), tuple)) for v in config.values())
+    rkey = ("reduce", repr(sorted(config.items(), key=str)), int(budget), tuple(rows.tolist())) if plain else None
+    if rkey in cache.memo:  # the same selection asked again (e.g. a table after evaluate_cached): no re-run
+        kept, feats = cache.memo[rkey]
+        return kept.clone(), (None if feats is None else feats.clone())  # the caller may change its copy
     kept, feats = [], []
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
@@ -216,7 +222,10 @@ def reduce_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
         red = red.in_raster_order()
         kept.append(red.kept)
         feats.append(red.features)
-    return torch.cat(kept), (None if feats[0] is None else torch.cat(feats))
+    out = torch.cat(kept), (None if feats[0] is None else torch.cat(feats))
+    if rkey is not None:
+        cache.memo[rkey] = (out[0].clone(), None if out[1] is None else out[1].clone())
+    return out
 
 
 def select_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Sequence[int] | None = None,
@@ -346,6 +355,25 @@ def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None =
     V = V * ok[:, None, :]
     res = (1.0 - ((A @ V) ** 2).sum(dim=(1, 2)) / total).clamp_min(0.0)
     return res.cpu().numpy(), floor
+
+
+def redundancies(X: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """Batched :func:`~svdprune_utils.core.metrics.redundancy`: X (n, N, d), kept (n, K) with K >= 2 distinct
+    indices per row; returns (n,) mean cosine similarities between pairs of kept tokens after subtracting each
+    image's mean token (fp64; a kept row at the mean token, to 1e-12 of the largest kept distance from it, counts as
+    0 in its pairs)."""
+    A = unit_scale(X)
+    n, N, d = A.shape
+    K = kept.shape[1]
+    if K < 2:
+        raise ValueError(f"redundancy needs at least two kept tokens, got {K}")
+    S = A.gather(1, kept.to(A.device)[..., None].expand(-1, -1, d)) - A.mean(dim=1, keepdim=True)
+    norm = S.norm(dim=2, keepdim=True)
+    live = norm > 1e-12 * norm.amax(dim=1, keepdim=True)  # rows at the mean token up to rounding: no direction
+    S = torch.where(live, S / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+    C = S @ S.transpose(1, 2)
+    iu = torch.triu_indices(K, K, 1, device=C.device)
+    return C[:, iu[0], iu[1]].mean(1).cpu().numpy()
 
 
 def budget_table(summary: pd.DataFrame, value: str = "accuracy", scale: float = 100.0, digits: int = 1):

@@ -138,7 +138,7 @@ def redundancy(X: Any, kept: Any) -> float:
     X: (N, d) features of one image; kept: indices of at least two distinct kept rows. The mean token (over all
     N) is removed first, so that an offset every token shares does not count as repetition. 1: the kept tokens
     say the same thing; about 0: they point in unrelated directions. A kept row equal to the mean token has no
-    direction and counts as 0 in its pairs. fp64.
+    direction and counts as 0 in its pairs (to 1e-12 of the largest kept distance from the mean). fp64.
     """
     A = _single(X)
     idx = _indices(kept, A.shape[0])
@@ -146,7 +146,8 @@ def redundancy(X: Any, kept: Any) -> float:
         raise ValueError(f"redundancy needs at least two kept tokens, got {idx.size}")
     S = A[idx] - A.mean(axis=0)
     norms = np.linalg.norm(S, axis=1)
-    S = np.divide(S, norms[:, None], out=np.zeros_like(S), where=norms[:, None] > 0)
+    live = norms > 1e-12 * norms.max()  # rows at the mean token up to rounding have no direction
+    S = np.divide(S, norms[:, None], out=np.zeros_like(S), where=live[:, None])
     C = S @ S.T
     return float(C[np.triu_indices(idx.size, 1)].mean())
 
