@@ -18,6 +18,17 @@ Usage::
     python benchmarks/leverage_speed.py --full                        # + 2880×4096 at batch 8 on the CPU
     python benchmarks/leverage_speed.py --quick                       # 576-token shapes only, 2 repeats
     python benchmarks/leverage_speed.py --device cuda                 # GPU timings (reference stays on CPU)
+    python benchmarks/leverage_speed.py --large                       # LLaVA-NeXT / Qwen2.5-VL sizes (below)
+
+``--large``: the exact path at the token counts of LLaVA-NeXT (2880 = five 576-patch crops: tower features
+2880×1024, projected 2880×4096) and Qwen2.5-VL (8192 patches of 1280 features for a 1792×1792-pixel image, merged
+2×2 into 2048 LLM tokens), at k = 16 and 64, against one fp32 ``torch.linalg.svd`` of the same matrix; every timed
+call follows an untimed torch matmul, as selection follows the vision tower in the patch (SciPy's BLAS then shares
+the cores with torch's thread pool). Accuracy against fp64 ``numpy.linalg.svd``: max |error| and whether the top-K
+sets (K = k) are identical. The selection's share of the prefill is its time over the **FLOPs-time** of the 7B
+decoder prefill of that image plus 40 text tokens — decoder prefill FLOPs (``analysis.efficiency.prefill_flops``:
+LLaVA-1.5-7B's Llama-2-7B dimensions, which LLaVA-NeXT-Vicuna-7B shares; ``data/configs/qwen2.5-vl-7b.json``)
+divided by the fp32 matmul rate measured on the same device.
 """
 
 from __future__ import annotations
@@ -91,6 +102,79 @@ def repeats_for(N: int, B: int, base: int) -> int:
     return 1 if N >= 2880 else base
 
 
+LARGE = [  # (N, d, what, config file, LLM image tokens)
+    (2880, 1024, "LLaVA-NeXT tower features", "llava-1.5-7b.json", 2880),
+    (2880, 4096, "LLaVA-NeXT projected", "llava-1.5-7b.json", 2880),
+    (8192, 1280, "Qwen2.5-VL patch features", "qwen2.5-vl-7b.json", 2048),
+]
+LARGE_RANKS = [16, 64]
+
+
+def matmul_rate(device: str, n: int = 2048, repeats: int = 3) -> float:
+    """fp32 FLOP/s of an n×n matmul on ``device`` (median of ``repeats`` after one warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    A, B = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    A @ B
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        A @ B
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run_large(args) -> str:
+    """The --large table (see the module docstring)."""
+    import json
+    import pathlib
+
+    from transformers import CONFIG_MAPPING
+
+    from svdprune_utils.analysis.efficiency import prefill_flops
+
+    dev = args.device
+    configs = pathlib.Path(__file__).resolve().parents[1] / "data" / "configs"
+    rate = matmul_rate(dev)
+    g = torch.Generator().manual_seed(1)
+    busy = torch.randn(768, 768, generator=g).to(dev)  # the untimed torch work before each call
+    rows = []
+    for N, d, what, cfg_name, n_img in LARGE:
+        Xn = clip_like(N, d, rng=args.seed)
+        X = torch.from_numpy(Xn).to(dev)
+        t_svd, _ = timed("torch-fp32", X, 64, 1, dev)
+        U = np.linalg.svd(Xn.astype(np.float64), full_matrices=False)[0]
+        raw = json.loads((configs / cfg_name).read_text())
+        cfg = CONFIG_MAPPING[raw["model_type"]].from_json_file(str(configs / cfg_name))
+        flops_time = prefill_flops(cfg, 40 + n_img) / rate
+        for k in LARGE_RANKS:
+            times = []
+            for _ in range(args.large_repeats):
+                busy @ busy  # torch's pool has just run, as after the tower
+                sync(dev)
+                t0 = time.perf_counter()
+                out = leverage_scores(X, rank=k)
+                sync(dev)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            ref = (U[:, :k] ** 2).sum(1)
+            got = out.double().cpu().numpy()
+            same = overlap(got, ref, k) == 1.0
+            rows.append((f"{N}×{d}", what, k, t, t_svd, t_svd / t, float(np.abs(got - ref).max()), same,
+                         100 * t / flops_time))
+        print(f"  timed {N}×{d}", file=sys.stderr, flush=True)
+    lines = [
+        f"fp32 matmul rate on this device: {rate / 1e9:.0f} GFLOP/s; {args.large_repeats} timed call(s) per row",
+        "",
+        "| shape N×d | features | k | exact s | fp32 SVD s | speed-up | max abs error | top-k identical | % of 7B prefill FLOPs-time |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    lines += [f"| {s} | {w} | {k} | {t:.3f} | {ts:.3f} | {q:.1f}× | {e:.1e} | {'yes' if ok else 'no'} | {pct:.3f} |"
+              for s, w, k, t, ts, q, e, ok, pct in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -99,12 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true",
                    help="also run 2880×4096 at batch 8 on the CPU (skipped by default: ~8× the batch-1 time, "
                         "CPU linalg loops over the batch; always run with --device cuda)")
+    p.add_argument("--large", action="store_true",
+                   help="only the LLaVA-NeXT / Qwen2.5-VL sizes (2880×1024, 2880×4096, 8192×1280; see above)")
+    p.add_argument("--large-repeats", type=int, default=3, help="timed calls per --large row (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the markdown tables to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
         return 2
+    if args.large:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        if args.device == "cuda":
+            machine = torch.cuda.get_device_name(0)
+        text = (f"Device: {args.device} ({machine}); torch {torch.__version__}; "
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n\n" + run_large(args))
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     shapes = SHAPES[:2] if args.quick else SHAPES
     base = 2 if args.quick else args.repeats
     dev = args.device

@@ -239,3 +239,23 @@ def test_top_k_path_falls_back_when_the_numerical_rank_is_below_k():
     scores, k = leverage_scores(X, 20, return_rank=True)
     assert k == 6
     np.testing.assert_allclose(scores[0].numpy(), reference_leverage(X[0].numpy(), 6), atol=1e-6)
+
+
+def test_large_matrices_take_the_top_k_path_and_match_fp64(monkeypatch):
+    """From min(N, d) = 1024 on (LLaVA-NeXT / Qwen2.5-VL sizes) an int rank runs the top-k eigensolver: the scores
+    equal a fp64 numpy SVD to 1e-6 and the top-64 set is the reference's; below that size the full eigh runs."""
+    from svdprune_utils.core import leverage as L
+
+    calls = []
+    orig = L._exact_topk
+    monkeypatch.setattr(L, "_exact_topk", lambda *a: calls.append(a[0].shape) or orig(*a))
+    X = clip_like(1100, 1024, seed=3)
+    for k in (16, 64):
+        got = leverage_scores(X, k)
+        ref = reference_leverage(X, k)
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+        assert set(np.argsort(-got, kind="stable")[:64]) == set(np.argsort(-ref, kind="stable")[:64])
+    assert calls == [(1, 1100, 1024)] * 2
+    leverage_scores(clip_like(1100, 1000, seed=3), 16)  # min(N, d) = 1000 < 1024: the full eigh
+    leverage_scores(X, 400)  # k > m / 3: the full eigh
+    assert len(calls) == 2

@@ -10,10 +10,11 @@ k-dimensional subspace that few other tokens share; duplicated tokens split thei
 Numerics (measured in ``benchmarks/leverage_speed.py``): the exact path eigendecomposes the fp64 Gram
 matrix of the smaller side (X Xᵀ when N ≤ d, else Xᵀ X), which matched a fp64 ``numpy.linalg.svd``
 reference to ≤ 1e-6 and was faster than fp32 ``torch.linalg.svd``. For an int rank k ≤ min(N, d)/3 on the CPU
-it computes only the top-k eigenpairs (LAPACK's MRRR after the same tridiagonal reduction, fp64, exact as the
-full one: the other eigenvectors are never formed), falling back to the full spectrum when the numerical rank
-is below k (the rank rule needs it); ``method="exact-svd"`` runs the SVD itself. Whatever the input dtype
-(fp16/bf16 included) the maths runs in fp64 and the scores come back as fp32. The approximate path is a seeded
+and min(N, d) >= 1024 it computes only the top-k eigenpairs (LAPACK's MRRR after the same tridiagonal reduction,
+fp64, exact as the full one: the other eigenvectors are never formed), falling back to the full spectrum when the
+numerical rank is below k (the rank rule needs it); an int rank forms only k columns of U either way;
+``method="exact-svd"`` runs the SVD itself. Whatever the input dtype (fp16/bf16 included) the maths runs in fp64
+and the scores come back as fp32. The approximate path is a seeded
 randomized SVD (``torch.svd_lowrank``; the global RNG is forked, never reseeded). At LLaVA-1.5 sizes it is not the
 better choice: with the defaults (q = 2k columns, 4 power iterations) its top-64 set agreed with the exact one
 only 81–89% of the time at k = 64, and the settings that fix that cost more than the exact Gram path
@@ -78,25 +79,30 @@ def resolve_rank(rank: Any, sigma: torch.Tensor, num_rank: torch.Tensor) -> torc
     raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {type(rank).__name__} {rank!r}")
 
 
-def _exact_gram(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma (B, m) descending, squared left singular vectors U² (B, N, m)) from a fp64 Gram eigh."""
+def _exact_gram(X: torch.Tensor, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (B, m) descending, squared left singular vectors U² (B, N, c)) from a fp64 Gram eigh, with c = m, or
+    the first ``kmax`` columns only (when N > d the columns cost X @ V: only those asked for are formed)."""
     B, N, d = X.shape
+    c = min(N, d) if kmax is None else max(0, min(int(kmax), N, d))
     if N <= d:
         lam, U = torch.linalg.eigh(X @ X.transpose(1, 2))
         lam, U = lam.flip(-1).clamp_min(0), U.flip(-1)
-        return lam.sqrt(), U**2
+        return lam.sqrt(), U[..., :c] ** 2
     lam, V = torch.linalg.eigh(X.transpose(1, 2) @ X)
     lam, V = lam.flip(-1).clamp_min(0), V.flip(-1)
-    XV2 = (X @ V) ** 2  # (B, N, d): (σ_j U_ij)²
-    inv = torch.where(lam > 0, 1.0 / lam.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    XV2 = (X @ V[..., :c]) ** 2  # (B, N, c): (σ_j U_ij)²
+    inv = torch.where(lam[:, :c] > 0, 1.0 / lam[:, :c].clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     return lam.sqrt(), XV2 * inv[:, None, :]
 
 
-# The top-k path (:func:`_exact_topk`) runs when k <= PARTIAL_MAX * min(N, d). It is off (0): inside a process where
-# torch has run, SciPy's OpenBLAS threads contend with torch's OpenMP pool on the same cores, and the path measured
-# 3-5x slower than the full fp64 eigh (576x64 at k = 16: 24 ms vs 4.9 ms; 576x1024 at k = 64: 174 ms vs 48 ms; one
-# BLAS thread: 3.0 and 54 ms; benchmarks/README.md). Kept, and tested against the full eigh, for a later fast path.
-PARTIAL_MAX = 0.0
+# The top-k path (:func:`_exact_topk`) runs on the CPU when k <= PARTIAL_MAX * m and m = min(N, d) >= PARTIAL_MIN_DIM.
+# Below that size it is slower than the full fp64 eigh: inside a process where torch has run, SciPy's OpenBLAS
+# threads contend with torch's OpenMP pool, and at LLaVA-1.5's sizes the wake-up cost dominates (576x64 at k = 16:
+# 24 ms vs 4.9 ms; 576x1024 at k = 64: 174 ms vs 48 ms). From m = 1024 on, the tridiagonal reduction dominates both
+# paths and computing k eigenvectors instead of m saves time (benchmarks/README.md, "Selection at LLaVA-NeXT and
+# Qwen2.5-VL sizes").
+PARTIAL_MAX = 1.0 / 3.0
+PARTIAL_MIN_DIM = 1024
 
 
 def _exact_topk(X: torch.Tensor, k: int, rtol: float):
@@ -108,18 +114,18 @@ def _exact_topk(X: torch.Tensor, k: int, rtol: float):
 
     B, N, d = X.shape
     m = min(N, d)
+    Gs = X @ X.transpose(1, 2) if N <= d else X.transpose(1, 2) @ X  # torch's GEMM: no second BLAS pool
     sig, usq = [], []
     for b in range(B):
-        x = X[b].numpy()
-        G = x @ x.T if N <= d else x.T @ x
-        lam, W = scipy.linalg.eigh(G, subset_by_index=[m - k, m - 1], driver="evr")
-        lam, W = lam[::-1].clip(min=0), W[:, ::-1]
+        lam, W = scipy.linalg.eigh(Gs[b].numpy(), subset_by_index=[m - k, m - 1], driver="evr")
+        lam, W = lam[::-1].clip(min=0), torch.from_numpy(W[:, ::-1].copy())
         if not lam[-1] > (rtol * np.sqrt(lam[0])) ** 2:
             return None
+        sigma = torch.from_numpy(np.sqrt(lam).copy())
         if N > d:  # U_k = X V_k / σ_k
-            W = (x @ W) / np.sqrt(lam)
-        sig.append(torch.from_numpy(np.sqrt(lam).copy()))
-        usq.append(torch.from_numpy(np.ascontiguousarray(W) ** 2))
+            W = (X[b] @ W) / sigma
+        sig.append(sigma)
+        usq.append(W**2)
     return torch.stack(sig), torch.stack(usq)
 
 
@@ -195,9 +201,11 @@ def leverage_scores(
     else:
         top = None
         int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
-        if int_rank and work.device.type == "cpu" and int(rank) <= PARTIAL_MAX * min(N, d):
+        m = min(N, d)
+        if int_rank and work.device.type == "cpu" and m >= PARTIAL_MIN_DIM and int(rank) <= PARTIAL_MAX * m:
             top = _exact_topk(work, int(rank), rtol)
-        sigma, usq = top if top is not None else _exact_gram(work)
+        # an int rank never uses more than k columns of U: the rest are not formed
+        sigma, usq = top if top is not None else _exact_gram(work, int(rank) if int_rank else None)
 
     k = resolve_rank(rank, sigma, numerical_rank(sigma, rtol))
     cols = torch.arange(usq.shape[2], device=usq.device)
