@@ -257,3 +257,19 @@ def test_evaluate_cached_answers_visionzip_from_its_merged_tokens(setup, monkeyp
         unpatch_llava(model)
     assert len(seen) == 1 and seen[0] is not None
     torch.testing.assert_close(seen[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_tokens_reach_the_llm_by_one_rule(setup):
+    """hf.prune.merged_to_llm, shared by the patch and evaluate_cached: the projector for tokens merged in the
+    tower's space, nothing for tokens merged after it; any other space is refused."""
+    from svdprune_utils.hf.prune import merged_to_llm
+
+    model = setup[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, model.config.vision_config.hidden_size, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(merged_to_llm(model, x, "vision"), model.model.multi_modal_projector(x))
+    y = torch.randn(2, 5, model.config.text_config.hidden_size, generator=g)
+    assert merged_to_llm(model, y, "projected") is y
+    with pytest.raises(ValueError, match="space must be"):
+        merged_to_llm(model, x, -2)

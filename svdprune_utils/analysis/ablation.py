@@ -41,7 +41,7 @@ from ..core.validate import unit_scale
 from ..hf.attention import vision_cls_attention
 from ..hf.fastv import default_layer
 from ..hf.inputs import keep_image_tokens, kept_features
-from ..hf.prune import IN_LLM, pad_id
+from ..hf.prune import IN_LLM, merged_to_llm, pad_id
 from ..hf.signals import CLS_HEADS, NEEDS_KEYS, USER_RELEVANCE, instruction_relevance
 from .evaluate import LLAVA_PROMPT, answers_of, model_inputs, vqa_score
 
@@ -424,9 +424,9 @@ def evaluate_cached(model, processor, cache: FeatureCache, configs: Mapping[str,
             kept, merged = reduce_cached(cache, cfg, budget, samples)
             tag = None
             if merged is not None:  # a merging method: the LLM reads its merged tokens, projected as the patch does
-                if cfg.get("feature", default_feature(method)) != "projected":
-                    with torch.inference_mode():
-                        merged = model.model.multi_modal_projector(merged)
+                space = "projected" if cfg.get("feature", default_feature(method)) == "projected" else "vision"
+                with torch.inference_mode():
+                    merged = merged_to_llm(model, merged, space)
                 tag = (method, budget, repr(sorted(cfg.items(), key=str)))
             preds = answer_cached(model, processor, cache, samples, kept, features=merged, tag=tag,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -158,6 +158,16 @@ def _vision_signals(model, state, kw, box):
     return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1), "vision"
 
 
+def merged_to_llm(model, features: torch.Tensor, space: str) -> torch.Tensor:
+    """A merging method's output tokens as the language model reads them: the projector applied when they were
+    merged in the tower's space (``space="vision"``, as VisionZip applies ``mm_projector`` to its compressed
+    sequence), used as they are when merged after it (``"projected"``). The one rule for the patch and the cached
+    ablation path."""
+    if space not in ("vision", "projected"):
+        raise ValueError(f"space must be 'vision' or 'projected', got {space!r}")
+    return features if space == "projected" else model.model.multi_modal_projector(features)
+
+
 def _select(model, state, kw, img: torch.Tensor, N: int) -> tuple[torch.Tensor, list]:
     """kept (n_images, K), ascending, and the K features per image the LLM receives (list of (K, d)), for
     this call's images (``img``: the caller's placeholder mask, runs of N).
@@ -191,8 +201,7 @@ def _select(model, state, kw, img: torch.Tensor, N: int) -> tuple[torch.Tensor, 
     red = reduce_tokens(feats, state.budget, state.method, **signals).in_raster_order()  # (n_images, K)
     if red.features is None:  # a selection
         return red.kept, kept_features(proj, red.kept)
-    merged = red.features if space == "projected" else model.model.multi_modal_projector(red.features)
-    return red.kept, list(merged)
+    return red.kept, list(merged_to_llm(model, red.features, space))
 
 
 def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
