@@ -167,7 +167,8 @@ def run_large(args) -> str:
     lines = [
         f"fp32 matmul rate on this device: {rate / 1e9:.0f} GFLOP/s; {args.large_repeats} timed call(s) per row",
         "",
-        "| shape N×d | features | k | exact s | fp32 SVD s | speed-up | max abs error | top-k identical | % of 7B prefill FLOPs-time |",
+        "| shape N×d | features | k | exact s | fp32 SVD s | speed-up | max abs error | top-k identical "
+        "| % of 7B prefill FLOPs-time |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     lines += [f"| {s} | {w} | {k} | {t:.3f} | {ts:.3f} | {q:.1f}× | {e:.1e} | {'yes' if ok else 'no'} | {pct:.3f} |"
