@@ -343,3 +343,26 @@ def test_divprune_scores_the_projected_features_by_default(tiny_llava):
     _logits(tiny_llava, x)
     assert torch.equal(tiny_llava.svdprune.kept_indices, select_tokens(vis, 24, method="divprune"))
     assert not torch.equal(select_tokens(proj, 24, method="divprune"), select_tokens(vis, 24, method="divprune"))
+
+
+def test_families_not_supported_yet_say_so():
+    """LLaVA-NeXT and Qwen2.5-VL models (tiny, random, built here) are refused with a message naming the family
+    as not supported yet, and nothing of theirs is touched."""
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration)
+
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64)
+    nxt = LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(**text), image_token_index=63, image_grid_pinpoints=[[28, 28]]))
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(**text, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
+        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63))
+    for model in (nxt, qwen):
+        before = dict(vars(model))
+        with pytest.raises(TypeError, match=f"got {type(model).__name__} — this family is not supported yet"):
+            patch_llava(model, budget=4)
+        assert vars(model).keys() == before.keys() and not hasattr(model, "svdprune")

@@ -337,7 +337,11 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     ValueError for a bad method, budget, feature, fastv_layer, kept or positions.
     """
     if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration, got {type(model).__name__}")
+        name = type(model).__name__
+        later = ("LlavaNext", "LlavaOnevision", "Qwen2VL", "Qwen2_5_VL")
+        hint = (" — this family is not supported yet (README, Status: supported models)"
+                if name.startswith(later) else "")
+        raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration (the LLaVA-1.5 layout), got {name}{hint}")
     state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer, positions=positions,
                        selector_kwargs=dict(selector_kwargs),
                        kept=None if kept is None else torch.as_tensor(kept).clone())
