@@ -94,3 +94,48 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
         keep_image_tokens({"attention_mask": mask}, torch.tensor([[0, 1]] * 3), image_mask=ids == I,
                           tokens_per_image=4)
+
+
+def test_images_of_different_lengths_by_hand():
+    """Per-image counts (LLaVA-NeXT's anyres images differ in length): runs of 3, 2 and 4 placeholders, two of
+    them adjacent in row 1; kept indices bounded by each image's own length; the cut checked token by token."""
+    # row 0: [pad pad pad 5, I I I, 6]   image 0: 3 tokens
+    # row 1: [5, I I, I I I I, 7]        image 1: 2 tokens, image 2: 4 tokens, adjacent
+    ids = torch.tensor([[0, 0, 0, 5, I, I, I, 6], [5, I, I, I, I, I, I, 7]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    runs = image_runs(ids == I, [3, 2, 4])
+    assert [[r.tolist() for r in row] for row in runs] == [[[4, 5, 6]], [[1, 2], [3, 4, 5, 6]]]
+    kept = [torch.tensor([2]), torch.tensor([0, 1]), torch.tensor([1, 3])]
+    out = keep_image_tokens({"input_ids": ids, "attention_mask": mask}, kept, image_mask=ids == I,
+                            tokens_per_image=[3, 2, 4], positions="original")
+    assert out["input_ids"].tolist() == [[0, 0, 0, 5, I, 6], [5, I, I, I, I, 7]]
+    assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1] * 6]
+    assert out["index"].tolist() == [[-1, -1, -1, 3, 6, 7], [0, 1, 2, 4, 6, 7]]
+    assert out["position_ids"].tolist() == [[0, 0, 0, 0, 3, 4], [0, 1, 2, 4, 6, 7]]
+    feats = [torch.arange(3.0)[:, None], 10 + torch.arange(2.0)[:, None], 20 + torch.arange(4.0)[:, None]]
+    assert [f.flatten().tolist() for f in kept_features(feats, kept)] == [[2.0], [10.0, 11.0], [21.0, 23.0]]
+    # a constant count given as a list equals the int form
+    ids4, mask4 = _batch()
+    k4 = torch.tensor([[1, 3], [0, 2], [0, 3]])
+    a = keep_image_tokens({"input_ids": ids4, "attention_mask": mask4}, k4, image_mask=ids4 == I, tokens_per_image=4)
+    b = keep_image_tokens({"input_ids": ids4, "attention_mask": mask4}, k4, image_mask=ids4 == I,
+                          tokens_per_image=[4, 4, 4])
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_images_of_different_lengths_errors():
+    ids = torch.tensor([[5, I, I, I, 6, I, I, 7]])
+    img = ids == I
+    with pytest.raises(ValueError, match="row 0: image 1's placeholders must be a run of 3 consecutive"):
+        image_runs(img, [2, 3])  # 2 + 3 = 5 placeholders, but the runs are 3 and 2
+    with pytest.raises(ValueError, match="counts run out after 3"):
+        image_runs(img, [3])
+    with pytest.raises(ValueError, match="the prompts hold 2 images, tokens_per_image lists 3"):
+        image_runs(img, [3, 2, 4])
+    with pytest.raises(ValueError, match=">= 1"):
+        image_runs(img, [3, 0, 2])
+    with pytest.raises(ValueError, match="int or a sequence"):
+        image_runs(img, 2.5)
+    with pytest.raises(ValueError, match=r"kept\[1\] must be strictly ascending indices in \[0, 2\)"):
+        keep_image_tokens({"input_ids": ids}, [torch.tensor([0, 2]), torch.tensor([0, 2])], image_mask=img,
+                          tokens_per_image=[3, 2])

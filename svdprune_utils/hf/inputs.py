@@ -8,7 +8,8 @@ training-time token dropping, the bias analysis and the scripts in ``results/``.
 
 Layout of a prompt batch (what a LLaVA processor returns)::
 
-    input_ids       (B, S)   each image is a run of N consecutive placeholder tokens (image_token_id)
+    input_ids       (B, S)   each image is a run of N consecutive placeholder tokens (image_token_id); N may
+                             differ per image (``tokens_per_image`` as one count per image)
     attention_mask  (B, S)   1 = token, 0 = padding (left or right)
     kept            (n_images, K) ascending indices into each image's N tokens, images in row-major
                              order (row 0's images left to right, then row 1's, ...)
@@ -22,6 +23,7 @@ position it had in the full prompt; padding gets 0).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,48 +36,92 @@ LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the LLaVA-1.5 conversat
 _FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "labels": -100, "inputs_embeds": 0.0}
 
 
-def image_runs(image_mask: torch.Tensor, tokens_per_image: int) -> list[torch.Tensor]:
-    """Placeholder positions of every image, row by row: a list (one entry per row) of LongTensors
-    (images in that row, N). Raises ValueError naming the row when a row's placeholders are not runs of
-    exactly N consecutive tokens."""
-    n = int(tokens_per_image)
+def _counts(tokens_per_image):
+    """An int N for every image (int-like scalars included), or a list of per-image counts."""
+    if isinstance(tokens_per_image, numbers.Integral) and not isinstance(tokens_per_image, bool):
+        return int(tokens_per_image)
+    if isinstance(tokens_per_image, torch.Tensor) and tokens_per_image.ndim == 0:
+        return int(tokens_per_image)
+    try:
+        return [int(x) for x in tokens_per_image]
+    except TypeError:
+        raise ValueError(f"tokens_per_image must be an int or a sequence of per-image counts, "
+                         f"got {tokens_per_image!r}") from None
+
+
+def image_runs(image_mask: torch.Tensor, tokens_per_image) -> list:
+    """Placeholder positions of every image, row by row: a list with one entry per row.
+
+    tokens_per_image: N, the same for every image -> each entry is a LongTensor (images in that row, N); or a
+    sequence of per-image counts in row-major order (row 0's images left to right, then row 1's, ...), for
+    models whose images differ in length (LLaVA-NeXT's anyres) -> each entry is a list of 1-D LongTensors.
+    Raises ValueError naming the row when its placeholders are not consecutive runs of those lengths.
+    """
     if image_mask.ndim != 2:
         raise ValueError(f"image_mask must be (batch, sequence), got shape {tuple(image_mask.shape)}")
-    out = []
+    counts = _counts(tokens_per_image)
+    if isinstance(counts, int):
+        n = counts
+        out = []
+        for b in range(image_mask.shape[0]):
+            pos = image_mask[b].nonzero().flatten()
+            runs = pos.view(-1, n) if n > 0 and pos.numel() % n == 0 else None
+            if runs is None or bool((runs[:, -1] - runs[:, 0] != n - 1).any()):
+                raise ValueError(f"row {b}: image placeholders must come in runs of {n} consecutive tokens, "
+                                 f"found {pos.numel()} placeholders")
+            out.append(runs)
+        return out
+    lengths = counts
+    if any(x < 1 for x in lengths):
+        raise ValueError(f"per-image token counts must be >= 1, got {lengths}")
+    out, i = [], 0
     for b in range(image_mask.shape[0]):
         pos = image_mask[b].nonzero().flatten()
-        runs = pos.view(-1, n) if n > 0 and pos.numel() % n == 0 else None
-        if runs is None or bool((runs[:, -1] - runs[:, 0] != n - 1).any()):
-            raise ValueError(f"row {b}: image placeholders must come in runs of {n} consecutive tokens, "
-                             f"found {pos.numel()} placeholders")
-        out.append(runs)
+        row, used = [], 0
+        while used < pos.numel() and i < len(lengths):
+            run = pos[used:used + lengths[i]]
+            if run.numel() != lengths[i] or int(run[-1] - run[0]) != lengths[i] - 1:
+                raise ValueError(f"row {b}: image {i}'s placeholders must be a run of {lengths[i]} consecutive "
+                                 f"tokens (the row holds {pos.numel()} placeholders)")
+            row.append(run)
+            used += lengths[i]
+            i += 1
+        if used != pos.numel():
+            raise ValueError(f"row {b}: {pos.numel()} placeholders, but the per-image counts run out after {used}")
+        out.append(row)
+    if i != len(lengths):
+        raise ValueError(f"the prompts hold {i} images, tokens_per_image lists {len(lengths)}")
     return out
 
 
-def _as_kept(kept, n_images: int, n: int) -> list[torch.Tensor]:
+def _as_kept(kept, n_images: int, n) -> list[torch.Tensor]:
+    """``kept`` as one ascending index tensor per image, each inside [0, n_i) (n: an int for every image, or
+    one count per image)."""
+    bounds = [int(n)] * n_images if isinstance(n, int) else [int(x) for x in n]
     rows = list(kept) if not isinstance(kept, torch.Tensor) or kept.ndim == 2 else None
     if rows is None or len(rows) != n_images:
         got = tuple(kept.shape) if isinstance(kept, torch.Tensor) else f"{len(list(kept))} entries"
         raise ValueError(f"kept must hold one index row per image ({n_images} images in the batch), got {got}")
     out = []
-    for i, r in enumerate(rows):
+    for i, (r, bound) in enumerate(zip(rows, bounds)):
         r = torch.as_tensor(r)
         if r.dtype in (torch.bool,) or r.is_floating_point() or r.ndim != 1 or r.numel() == 0:
             raise ValueError(f"kept[{i}] must be a non-empty 1-D integer index tensor, got {r.dtype} {tuple(r.shape)}")
-        if int(r.min()) < 0 or int(r.max()) >= n or bool((r.diff() <= 0).any()):
-            raise ValueError(f"kept[{i}] must be strictly ascending indices in [0, {n}), got {r.tolist()[:8]}...")
+        if int(r.min()) < 0 or int(r.max()) >= bound or bool((r.diff() <= 0).any()):
+            raise ValueError(f"kept[{i}] must be strictly ascending indices in [0, {bound}), got {r.tolist()[:8]}...")
         out.append(r.long())
     return out
 
 
-def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens_per_image: int,
+def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens_per_image,
                       positions: str = "compact", pad_token_id: int = 0, padding_side: str | None = None) -> dict:
     """Cut every image's run of N placeholders down to its kept tokens; returns a new dict.
 
     inputs: sequence-shaped entries among input_ids (B, S), inputs_embeds (B, S, D), attention_mask (B, S),
         position_ids (B or 1, S), labels (B, S); other entries are copied unchanged. Nothing is modified.
     kept: (n_images, K) LongTensor or a list of 1-D index tensors (one per image, ascending, K may differ).
-    image_mask: (B, S) True at the placeholders; tokens_per_image: N.
+    image_mask: (B, S) True at the placeholders; tokens_per_image: N, or one count per image in row-major order
+        (images of different lengths, :func:`image_runs`).
     positions: "compact" -> position ids are consecutive over each row's kept tokens (returned only when
         the caller gave position_ids: otherwise the model derives the same ones from the mask);
         "original" -> position_ids (always returned) are the kept tokens' positions in the full prompt
@@ -99,7 +145,8 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
     image_mask = image_mask.to(dev)
     runs = image_runs(image_mask, tokens_per_image)
     n_images = sum(len(r) for r in runs)
-    rows_kept = _as_kept(kept, n_images, tokens_per_image)
+    counts = _counts(tokens_per_image)
+    rows_kept = _as_kept(kept, n_images, counts if isinstance(counts, int) else [len(run) for r in runs for run in r])
     keep = ~image_mask
     i = 0
     for b, r in enumerate(runs):
@@ -150,5 +197,5 @@ def kept_features(features: Sequence[torch.Tensor] | torch.Tensor, kept) -> list
     """The rows ``kept[i]`` of each image's features (N, d): a list of (K_i, d) tensors, the order in which
     the model scatters them into the kept placeholders (``pooler_output`` of ``mm_encoder_outputs``)."""
     feats = list(features)
-    rows = _as_kept(kept, len(feats), min(f.shape[0] for f in feats))
+    rows = _as_kept(kept, len(feats), [f.shape[0] for f in feats])
     return [f.index_select(0, r.to(f.device)) for f, r in zip(feats, rows)]
