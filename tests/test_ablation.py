@@ -123,8 +123,7 @@ def test_residuals_match_the_metrics(setup):
 
 def test_redundancies_match_the_metric_per_sample():
     """The batched redundancy equals sp.redundancy sample by sample, a kept row equal to the mean token included."""
-    from svdprune_utils.analysis.ablation import redundancies
-    from svdprune_utils.core.metrics import redundancy
+    from svdprune_utils.core.metrics import redundancies, redundancy
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(3, 30, 8, generator=g, dtype=torch.float64) * 50 + 7

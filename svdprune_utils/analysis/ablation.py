@@ -357,25 +357,6 @@ def residuals(X: torch.Tensor, kept: torch.Tensor, sigma2: torch.Tensor | None =
     return res.cpu().numpy(), floor
 
 
-def redundancies(X: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
-    """Batched :func:`~svdprune_utils.core.metrics.redundancy`: X (n, N, d), kept (n, K) with K >= 2 distinct
-    indices per row; returns (n,) mean cosine similarities between pairs of kept tokens after subtracting each
-    image's mean token (fp64; a kept row at the mean token, to 1e-12 of the largest kept distance from it, counts as
-    0 in its pairs)."""
-    A = unit_scale(X)
-    n, N, d = A.shape
-    K = kept.shape[1]
-    if K < 2:
-        raise ValueError(f"redundancy needs at least two kept tokens, got {K}")
-    S = A.gather(1, kept.to(A.device)[..., None].expand(-1, -1, d)) - A.mean(dim=1, keepdim=True)
-    norm = S.norm(dim=2, keepdim=True)
-    live = norm > 1e-12 * norm.amax(dim=1, keepdim=True)  # rows at the mean token up to rounding: no direction
-    S = torch.where(live, S / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
-    C = S @ S.transpose(1, 2)
-    iu = torch.triu_indices(K, K, 1, device=C.device)
-    return C[:, iu[0], iu[1]].mean(1).cpu().numpy()
-
-
 def budget_table(summary: pd.DataFrame, value: str = "accuracy", scale: float = 100.0, digits: int = 1):
     """Wide view of a summary: configurations (in table order) × budgets (descending), ``value`` × ``scale``."""
     t = summary.pivot(index="config", columns="budget", values=value)

@@ -29,6 +29,7 @@ __all__ = [
     "optimal_residual",
     "spatial_stats",
     "redundancy",
+    "redundancies",
     "positional_bias",
     "jaccard",
     "region_recall",
@@ -139,17 +140,28 @@ def redundancy(X: Any, kept: Any) -> float:
     N) is removed first, so that an offset every token shares does not count as repetition. 1: the kept tokens
     say the same thing; about 0: they point in unrelated directions. A kept row equal to the mean token has no
     direction and counts as 0 in its pairs (to 1e-12 of the largest kept distance from the mean). fp64.
+    :func:`redundancies` is the batched form (the same computation).
     """
     A = _single(X)
     idx = _indices(kept, A.shape[0])
-    if idx.size < 2:
-        raise ValueError(f"redundancy needs at least two kept tokens, got {idx.size}")
-    S = A[idx] - A.mean(axis=0)
-    norms = np.linalg.norm(S, axis=1)
-    live = norms > 1e-12 * norms.max()  # rows at the mean token up to rounding have no direction
-    S = np.divide(S, norms[:, None], out=np.zeros_like(S), where=live[:, None])
-    C = S @ S.T
-    return float(C[np.triu_indices(idx.size, 1)].mean())
+    return float(redundancies(torch.from_numpy(A)[None], torch.from_numpy(idx)[None])[0])
+
+
+def redundancies(X: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """:func:`redundancy` of a batch: X (n, N, d), kept (n, K) with K >= 2 distinct indices per row; returns
+    (n,) numpy fp64."""
+    A = unit_scale(torch.as_tensor(X))
+    n, N, d = A.shape
+    K = kept.shape[1]
+    if K < 2:
+        raise ValueError(f"redundancy needs at least two kept tokens, got {K}")
+    S = A.gather(1, kept.to(A.device).long()[..., None].expand(-1, -1, d)) - A.mean(dim=1, keepdim=True)
+    norm = S.norm(dim=2, keepdim=True)
+    live = norm > 1e-12 * norm.amax(dim=1, keepdim=True)  # rows at the mean token up to rounding: no direction
+    S = torch.where(live, S / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+    C = S @ S.transpose(1, 2)
+    iu = torch.triu_indices(K, K, 1, device=C.device)
+    return C[:, iu[0], iu[1]].mean(1).cpu().numpy()
 
 
 def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
