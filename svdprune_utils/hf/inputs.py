@@ -94,10 +94,9 @@ def image_runs(image_mask: torch.Tensor, tokens_per_image) -> list:
     return out
 
 
-def _as_kept(kept, n_images: int, n) -> list[torch.Tensor]:
-    """``kept`` as one ascending index tensor per image, each inside [0, n_i) (n: an int for every image, or
-    one count per image)."""
-    bounds = [int(n)] * n_images if isinstance(n, int) else [int(x) for x in n]
+def _as_kept(kept, bounds: Sequence[int]) -> list[torch.Tensor]:
+    """``kept`` as one ascending index tensor per image, image i's inside [0, bounds[i])."""
+    n_images = len(bounds)
     rows = list(kept) if not isinstance(kept, torch.Tensor) or kept.ndim == 2 else None
     if rows is None or len(rows) != n_images:
         got = tuple(kept.shape) if isinstance(kept, torch.Tensor) else f"{len(list(kept))} entries"
@@ -144,9 +143,7 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
     dev = seq.device
     image_mask = image_mask.to(dev)
     runs = image_runs(image_mask, tokens_per_image)
-    n_images = sum(len(r) for r in runs)
-    counts = _counts(tokens_per_image)
-    rows_kept = _as_kept(kept, n_images, counts if isinstance(counts, int) else [len(run) for r in runs for run in r])
+    rows_kept = _as_kept(kept, [len(run) for r in runs for run in r])  # each image's own length bounds its indices
     keep = ~image_mask
     i = 0
     for b, r in enumerate(runs):
@@ -197,5 +194,5 @@ def kept_features(features: Sequence[torch.Tensor] | torch.Tensor, kept) -> list
     """The rows ``kept[i]`` of each image's features (N, d): a list of (K_i, d) tensors, the order in which
     the model scatters them into the kept placeholders (``pooler_output`` of ``mm_encoder_outputs``)."""
     feats = list(features)
-    rows = _as_kept(kept, len(feats), [f.shape[0] for f in feats])
+    rows = _as_kept(kept, [f.shape[0] for f in feats])
     return [f.index_select(0, r.to(f.device)) for f, r in zip(feats, rows)]
