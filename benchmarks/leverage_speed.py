@@ -193,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
         return 2
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name(0)
     if args.large:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-        if args.device == "cuda":
-            machine = torch.cuda.get_device_name(0)
         text = (f"Device: {args.device} ({machine}); torch {torch.__version__}; "
                 f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n\n" + run_large(args))
         print(text)
@@ -252,9 +252,6 @@ def main(argv: list[str] | None = None) -> int:
                     acc_rows.append((f"{N}×{d}", k, name, float(np.abs(s - ref[k]).max()), overlap(s, ref[k], TOPK)))
     total = time.perf_counter() - t_start
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    if dev == "cuda":
-        machine = torch.cuda.get_device_name(0)
     lines = [
         f"Device: {dev} ({machine}); torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"load average at the end {os.getloadavg()[0]:.2f}; total {total:.0f} s",
