@@ -218,3 +218,20 @@ def test_equal_flops_budget_against_a_linear_scan_of_the_closed_form():
     df = budget_table(CFG, ["svd", "fastv"], [64], n_text, 576).set_index("method")
     assert df.loc["fastv", "equal_flops_budget"] == scan(2 * layer(640) + 30 * layer(128), n_text)
     assert df.loc["svd", "equal_flops_budget"] == 64
+
+
+def test_equal_flops_budget_refuses_bad_arguments():
+    """The same checks as budget_table (they share them): no silent number for a bad method or count."""
+    from svdprune_utils.analysis.efficiency import equal_flops_budget
+
+    with pytest.raises(ValueError, match="unknown method"):
+        equal_flops_budget(CFG, "bogus", 64, 40, 576)
+    for budget in (0, True, 2.5):
+        with pytest.raises(ValueError, match="budgets must be ints >= 1"):
+            equal_flops_budget(CFG, "fastv", budget, 40, 576)
+    with pytest.raises(ValueError, match="n_text must be an int >= 0"):
+        equal_flops_budget(CFG, "fastv", 64, -1, 576)
+    with pytest.raises(ValueError, match="n_img must be an int >= 1"):
+        equal_flops_budget(CFG, "fastv", 64, 40, 0)
+    with pytest.raises(ValueError, match="at least 37"):
+        equal_flops_budget(CFG, "sparsevlm", 16, 40, 576)

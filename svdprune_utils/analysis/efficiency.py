@@ -75,11 +75,31 @@ def llm_tokens(config: Any, method: str, budget: int, n_text: int, n_img: int, f
     return [n_text + budget] * L
 
 
+def _check_budget_args(methods, budgets, n_text, n_img) -> list:
+    """The method list (one name or several), after checking every argument: known methods, budgets ints >= 1,
+    n_text an int >= 0, n_img an int >= 1 (ValueError naming the bad one)."""
+    from ..hf.prune import known_methods
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in known_methods()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known_methods()}")
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
+    if bad:
+        raise ValueError(f"budgets must be ints >= 1, got {bad}")
+    for name, v in (("n_text", n_text), ("n_img", n_img)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "n_text" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'n_text' else 1}, got {v!r}")
+    return methods
+
+
 def equal_flops_budget(config: Any, method: str, budget: int, n_text: int, n_img: int, fastv_layer: int = 2) -> int:
     """The pre-LLM budget at equal prefill compute: the largest K' <= ``n_img`` whose pre-LLM prefill (K' image
     tokens in every decoder layer) costs no more decoder FLOPs than ``method`` at ``budget`` (per layer as in
     :func:`llm_tokens`). For a pre-LLM method this is min(budget, n_img); for FastV and SparseVLM it is larger,
-    since their first layers read every image token. One prompt of ``n_text`` text tokens and one image."""
+    since their first layers read every image token. One prompt of ``n_text`` text tokens and one image.
+    ValueError for an unknown method, a budget SparseVLM cannot reach, or a bad count."""
+    _check_budget_args(method, [budget], n_text, n_img)
     target = prefill_flops(config, 0, per_layer=llm_tokens(config, method, int(budget), n_text, n_img, fastv_layer))
     lo, hi = 0, int(n_img)  # prefill FLOPs grow with the token count: bisect for the last K' within the target
     while lo < hi:
@@ -101,19 +121,9 @@ def budget_table(config: Any, methods, budgets, n_text: int, n_img: int, fastv_l
     Budgets a method cannot reach (SparseVLM below its minimum) are left out."""
     import pandas as pd
 
-    from ..hf.prune import known_methods
     from ..hf.sparsevlm import schedule
 
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in known_methods()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {known_methods()}")
-    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1]
-    if bad:
-        raise ValueError(f"budgets must be ints >= 1, got {bad}")
-    for name, v in (("n_text", n_text), ("n_img", n_img)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "n_text" else 1):
-            raise ValueError(f"{name} must be an int >= {0 if name == 'n_text' else 1}, got {v!r}")
+    methods = _check_budget_args(methods, budgets, n_text, n_img)
     L = _dims(config)[3]
     full = prefill_flops(config, n_text + n_img)
     rows = []
