@@ -134,8 +134,11 @@ def test_images_of_different_lengths_errors():
         image_runs(img, [3, 2, 4])
     with pytest.raises(ValueError, match=">= 1"):
         image_runs(img, [3, 0, 2])
-    with pytest.raises(ValueError, match="int or a sequence"):
-        image_runs(img, 2.5)
+    for bad in (2.5, None, "32", [3.7, 2], [3, True], torch.tensor([3.0, 2.0])):  # no silent truncation
+        with pytest.raises(ValueError, match="int or a sequence of integer per-image counts"):
+            image_runs(img, bad)
+    for good in ((3, 2), torch.tensor([3, 2]), [3, torch.tensor(2)]):
+        assert [[r.tolist() for r in row] for row in image_runs(img, good)] == [[[1, 2, 3], [5, 6]]]
     with pytest.raises(ValueError, match=r"kept\[1\] must be strictly ascending indices in \[0, 2\)"):
         keep_image_tokens({"input_ids": ids}, [torch.tensor([0, 2]), torch.tensor([0, 2])], image_mask=img,
                           tokens_per_image=[3, 2])

@@ -42,11 +42,25 @@ def _counts(tokens_per_image):
         return int(tokens_per_image)
     if isinstance(tokens_per_image, torch.Tensor) and tokens_per_image.ndim == 0:
         return int(tokens_per_image)
+    items = None if isinstance(tokens_per_image, (str, bytes)) else _try_list(tokens_per_image)
+    if items is None or not all(_integral(x) for x in items):
+        raise ValueError(f"tokens_per_image must be an int or a sequence of integer per-image counts, "
+                         f"got {tokens_per_image!r}")
+    return [int(x) for x in items]
+
+
+def _try_list(x):
     try:
-        return [int(x) for x in tokens_per_image]
+        return list(x)
     except TypeError:
-        raise ValueError(f"tokens_per_image must be an int or a sequence of per-image counts, "
-                         f"got {tokens_per_image!r}") from None
+        return None
+
+
+def _integral(x) -> bool:
+    """An integer count: a Python/NumPy int or an integer 0-d tensor (not a bool, not a float)."""
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and not x.is_floating_point() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool,))
 
 
 def image_runs(image_mask: torch.Tensor, tokens_per_image) -> list:
