@@ -65,7 +65,8 @@ from .notebook import plotting, toy  # noqa: E402
 __all__ += ["toy", "plotting"]
 
 # Loaded on first use (importing transformers takes seconds): sp.patch_llava(...), sp.tiny, sp.bias, ...
-_LAZY = {"patch_llava": "hf.patch", "unpatch_llava": "hf.patch", "prune_inputs": "hf.patch", "Pruned": "hf.patch",
+_LAZY = {"patch_llava": "hf.patch", "unpatch_llava": "hf.patch", "patch_model": "hf.patch",
+         "unpatch_model": "hf.patch", "prune_inputs": "hf.patch", "Pruned": "hf.patch",
          "PruneState": "hf.patch", "capture_attention": "hf.attention", "AttentionMaps": "hf.attention",
          "keep_image_tokens": "hf.inputs", "sparsevlm_schedule": "hf.sparsevlm", "budget_table": "analysis.efficiency"}
 _LAZY_MODULES = {"tiny": "testbed.tiny", "shapes": "testbed.shapes", "bias": "analysis.bias",

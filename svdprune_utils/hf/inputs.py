@@ -33,7 +33,8 @@ __all__ = ["POSITIONS", "LLAVA_PROMPT", "image_runs", "keep_image_tokens", "kept
 POSITIONS = ("compact", "original")
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the LLaVA-1.5 conversation format, one image
 # what each sequence-shaped input is padded with after the cut
-_FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "labels": -100, "inputs_embeds": 0.0}
+_FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "labels": -100, "inputs_embeds": 0.0,
+         "mm_token_type_ids": 0}
 
 
 def _counts(tokens_per_image):
@@ -131,7 +132,8 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
     """Cut every image's run of N placeholders down to its kept tokens; returns a new dict.
 
     inputs: sequence-shaped entries among input_ids (B, S), inputs_embeds (B, S, D), attention_mask (B, S),
-        position_ids (B or 1, S), labels (B, S); other entries are copied unchanged. Nothing is modified.
+        position_ids (B or 1, S), labels (B, S), mm_token_type_ids (B, S) (Qwen2.5-VL's modality of each token);
+        other entries are copied unchanged. Nothing is modified.
     kept: (n_images, K) LongTensor or a list of 1-D index tensors (one per image, ascending, K may differ).
     image_mask: (B, S) True at the placeholders; tokens_per_image: N, or one count per image in row-major order
         (images of different lengths, :func:`image_runs`).
@@ -187,7 +189,7 @@ def keep_image_tokens(inputs: Mapping, kept, *, image_mask: torch.Tensor, tokens
     if mask is None and (bool((lengths != L).any()) or positions == "original"):
         # "original": gapped position ids without a mask read as packed sequences to transformers (masking_utils)
         mask = torch.ones(B, S, dtype=torch.long, device=dev)
-    src = {k: inputs.get(k) for k in ("input_ids", "inputs_embeds", "labels")}
+    src = {k: inputs.get(k) for k in ("input_ids", "inputs_embeds", "labels", "mm_token_type_ids")}
     src["attention_mask"] = mask
     src["position_ids"] = full_pos
     src["index"] = torch.arange(S, device=dev).expand(B, -1)

@@ -59,8 +59,10 @@ from transformers.cache_utils import Cache
 from ..core.reduction import REDUCERS
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
+from .families import family_name, family_of
 from .fastv import FastVCall, fastv_pre_hook
 from .inputs import POSITIONS
+from .signals import USER_RELEVANCE
 from .prune import (
     CACHE_CUT,
     CACHE_FASTV,
@@ -73,8 +75,8 @@ from .prune import (
     tokens_per_image,
 )
 
-__all__ = ["PruneState", "Pruned", "patch_llava", "unpatch_llava", "prune_inputs", "tokens_per_image",
-           "image_token_mask"]
+__all__ = ["PruneState", "Pruned", "patch_llava", "patch_model", "unpatch_llava", "unpatch_model", "prune_inputs",
+           "tokens_per_image", "image_token_mask"]
 
 _FEATURES = ("vision", "projected")
 
@@ -93,7 +95,10 @@ class PruneState:
     last call that saw images, images in batch order (for VisionZip: each output token's position, a
     contextual token at its target patch; for SparseVLM, those that reach its last stage). positions:
     "compact", "original" or None (the method's own: ``prune.default_positions``); "fastv" and "sparsevlm"
-    implement "original" only.
+    implement "original" only. scope ("image" or "tile") and newlines ("drop" or "keep"): LLaVA-NeXT's budget
+    and newline rules (:mod:`.families`); other families take the defaults only. For LLaVA-NeXT and Qwen2.5-VL,
+    whose images differ in length, ``kept_indices`` (and ``kept``) is a list with one 1-D LongTensor per image:
+    kept offsets into that image's run of placeholders.
     """
 
     method: str
@@ -111,6 +116,8 @@ class PruneState:
     _fastv_prompt: tuple | None = field(default=None, repr=False)  # (stages, P) of a no-cache generate
     _n: int = field(default=0, repr=False)  # tokens per image of the current FastV call
     _last_index: torch.Tensor | None = field(default=None, repr=False)  # (B, L) caller columns of the last cut
+    scope: str = "image"
+    newlines: str = "drop"
 
 
 def _lm_layers(model):
@@ -119,6 +126,62 @@ def _lm_layers(model):
 
 def _check(model, state: PruneState) -> None:
     """Validate the knobs (at patch time and at every call, since they are plain attributes)."""
+    fam = family_of(model)
+    if fam is not None:
+        return _check_family(model, state, fam)
+    if (state.scope, state.newlines) != ("image", "drop"):
+        raise ValueError("scope and newlines are LLaVA-NeXT's knobs (anyres tiles and newline tokens); a "
+                         f"{type(model).__name__} takes scope='image', newlines='drop' only")
+    _check_common(model, state)
+    if state.method == "sparsevlm" and state.budget < tokens_per_image(model):
+        from .sparsevlm import schedule
+
+        schedule(state.budget, len(_lm_layers(model)), tokens_per_image(model))  # raises for an unreachable budget
+    if state.kept is not None:
+        k = state.kept
+        if not isinstance(k, torch.Tensor) or k.ndim != 2 or k.is_floating_point() or k.dtype == torch.bool:
+            raise ValueError("kept must be an integer LongTensor (n_images, K), e.g. model.svdprune.kept_indices")
+        n = tokens_per_image(model)
+        if k.numel() == 0 or int(k.min()) < 0 or int(k.max()) >= n or bool((k.diff(dim=1) <= 0).any()):
+            raise ValueError(f"kept must hold strictly ascending patch indices in [0, {n}) per image (row)")
+        state.budget = int(k.shape[1])
+
+
+def _check_family(model, state: PruneState, fam) -> None:
+    """The knobs of a LLaVA-NeXT or Qwen2.5-VL patch (images of different lengths)."""
+    name = type(model).__name__
+    if state.method in IN_LLM:
+        raise NotImplementedError(f"{state.method} prunes inside the LLM and is not supported for {name} yet "
+                                  "(README, supported models): use a pre-LLM method")
+    if state.positions is not None and state.positions not in fam.positions:
+        raise ValueError(f"{name} supports positions in {fam.positions} (Qwen: the kept tokens keep their 3-D "
+                         f"rotary positions), got {state.positions!r}")
+    if state.scope not in ("image", "tile") or state.newlines not in ("drop", "keep"):
+        raise ValueError(f"scope must be 'image' or 'tile' and newlines 'drop' or 'keep', got {state.scope!r}, "
+                         f"{state.newlines!r}")
+    if fam.name != "llava_next" and (state.scope, state.newlines) != ("image", "drop"):
+        raise ValueError(f"scope and newlines are LLaVA-NeXT's knobs (anyres tiles, newline tokens); {name} takes "
+                         "scope='image', newlines='drop' only")
+    given = sorted(k for k in USER_RELEVANCE if k in state.selector_kwargs)
+    if given:
+        raise ValueError(f"{given}: per-token signals cannot be given for {name} (its images differ in length); "
+                         "cdpruner computes its instruction relevance from the call")
+    _check_common(model, state)
+    if state.kept is not None:
+        k = state.kept
+        rows = list(k) if isinstance(k, (list, tuple)) or (isinstance(k, torch.Tensor) and k.ndim == 2) else None
+        if rows is None or not rows:
+            raise ValueError("kept must be a list of 1-D integer index tensors, one per image (e.g. "
+                             "model.svdprune.kept_indices)")
+        for i, r in enumerate(rows):
+            r = torch.as_tensor(r)
+            if r.ndim != 1 or r.numel() == 0 or r.is_floating_point() or r.dtype == torch.bool \
+                    or int(r.min()) < 0 or bool((r.diff() <= 0).any()):
+                raise ValueError(f"kept[{i}] must hold strictly ascending non-negative offsets into image {i}'s "
+                                 "placeholders")
+
+
+def _check_common(model, state: PruneState) -> None:
     if state.method not in known_methods():
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
                          f"merging: {sorted(REDUCERS)}, inside the LLM: {sorted(IN_LLM)}")
@@ -137,10 +200,6 @@ def _check(model, state: PruneState) -> None:
     if state.method in IN_LLM and state.selector_kwargs:
         raise ValueError(f"{state.method} takes no selector signals (it reads the LLM's attention); got "
                          f"{sorted(state.selector_kwargs)}")
-    if state.method == "sparsevlm" and state.budget < tokens_per_image(model):
-        from .sparsevlm import schedule
-
-        schedule(state.budget, n_layers, tokens_per_image(model))  # raises for a budget it cannot reach
     if state.kept is not None:
         if state.method == "sparsevlm":
             raise ValueError("kept replays one cut, and sparsevlm cuts at several layers: patch with method='fastv' "
@@ -149,13 +208,6 @@ def _check(model, state: PruneState) -> None:
             raise ValueError(f"kept replays a selection, and {state.method} merges tokens (kept cannot describe "
                              "its merged features): patch with a selector (e.g. method='random', kept=...) to "
                              "keep those positions unmerged")
-        k = state.kept
-        if not isinstance(k, torch.Tensor) or k.ndim != 2 or k.is_floating_point() or k.dtype == torch.bool:
-            raise ValueError("kept must be an integer LongTensor (n_images, K), e.g. model.svdprune.kept_indices")
-        n = tokens_per_image(model)
-        if k.numel() == 0 or int(k.min()) < 0 or int(k.max()) >= n or bool((k.diff(dim=1) <= 0).any()):
-            raise ValueError(f"kept must hold strictly ascending patch indices in [0, {n}) per image (row)")
-        state.budget = int(k.shape[1])
 
 
 def _bind(fn, args, kwargs) -> dict:
@@ -336,21 +388,52 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     Patching a patched model replaces the first patch. Raises TypeError for a non-LLaVA model and
     ValueError for a bad method, budget, feature, fastv_layer, kept or positions.
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
+    if not isinstance(model, LlavaForConditionalGeneration) or family_name(model) != "llava":
         name = type(model).__name__
-        later = ("LlavaNext", "LlavaOnevision", "Qwen2VL", "Qwen2_5_VL")
-        hint = (" — this family is not supported yet (README, Status: supported models)"
-                if name.startswith(later) else "")
+        hint = (" — use patch_model for this family (README, supported models)" if family_name(model) else "")
         raise TypeError(f"patch_llava needs a LlavaForConditionalGeneration (the LLaVA-1.5 layout), got {name}{hint}")
+    return _install(model, method, budget, feature, fastv_layer, kept, positions, "image", "drop", selector_kwargs)
+
+
+def patch_model(model, method: str = "svd", budget: int = 64, feature: str | None = None, *, fastv_layer: int = 2,
+                kept=None, positions: str | None = None, scope: str = "image", newlines: str = "drop",
+                **selector_kwargs: Any):
+    """:func:`patch_llava` for every supported family; returns ``model``.
+
+    ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout): exactly :func:`patch_llava`.
+    ``LlavaNextForConditionalGeneration`` (anyres): budget = patch tokens kept per image over its base tile and
+    grid tiles (``scope="image"``) or per tile (``scope="tile"``); newline tokens dropped (``newlines="drop"``)
+    or kept at the end of each grid row that keeps a token (``"keep"``); ``feature="vision"`` scores the tower's
+    ``vision_feature_layer`` patch features of every tile, ``"projected"`` the packed LLM inputs.
+    ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``: budget = merged tokens kept per
+    image; the kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
+    ``feature="vision"`` scores the tower's last block output (the four patches of each merged token
+    concatenated), ``"projected"`` the merger's output. The tower has no CLS token: cls_attention, vispruner
+    and visionzip raise ValueError at the call.
+    For both: FastV and SparseVLM (inside the LLM) are not supported yet (NotImplementedError); ``kept`` and
+    ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of offsets per image; videos are refused.
+    Rules and layouts: :mod:`svdprune_utils.hf.families`.
+    """
+    if family_name(model) is None:
+        raise TypeError(f"patch_model supports LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+                        f"Qwen2_5_VLForConditionalGeneration and Qwen2VLForConditionalGeneration, got "
+                        f"{type(model).__name__}")
+    return _install(model, method, budget, feature, fastv_layer, kept, positions, scope, newlines, selector_kwargs)
+
+
+def _install(model, method, budget, feature, fastv_layer, kept, positions, scope, newlines, selector_kwargs):
+    if kept is not None:
+        kept = (torch.as_tensor(kept).clone() if family_of(model) is None or isinstance(kept, torch.Tensor)
+                else [torch.as_tensor(k).clone() for k in kept])
     state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer, positions=positions,
-                       selector_kwargs=dict(selector_kwargs),
-                       kept=None if kept is None else torch.as_tensor(kept).clone())
+                       selector_kwargs=dict(selector_kwargs), kept=kept, scope=scope, newlines=newlines)
     _check(model, state)
     for name in ("attention", "keys"):
         if name in selector_kwargs:
             raise ValueError(f"`{name}` is computed by the patch (cls_attention, vispruner, visionzip, fastv); "
                              "do not pass it")
-    tokens_per_image(model)  # refuses towers it cannot count
+    if family_of(model) is None:
+        tokens_per_image(model)  # refuses towers it cannot count
     unpatch_llava(model)
     try:
         for name, fn in (("generate", _generate), ("forward", _forward)):
@@ -409,3 +492,6 @@ def unpatch_llava(model):
             model.__dict__.pop(name, None)
     del model.svdprune
     return model
+
+
+unpatch_model = unpatch_llava  # the same removal for every family

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..core.reduction import REDUCERS, reduce_tokens
 from ..core.selection import SELECTORS, default_feature
+from .families import family_of
 from .inputs import image_runs, keep_image_tokens, kept_features
-from .signals import CLS_HEADS, NEEDS_KEYS, method_signals
+from .signals import CLS_HEADS, NEEDS_KEYS, instruction_relevance, method_signals
 
 __all__ = ["Pruned", "CutRecord", "CACHE_CUT", "CACHE_FASTV", "IN_LLM", "known_methods", "strategy", "feature_layer",
            "tokens_per_image", "image_token_mask", "has_cls", "cache_of", "default_positions", "positions_of",
@@ -48,16 +50,22 @@ def positions_of(state) -> str:
 
 class CutRecord(NamedTuple):
     """What a cache filled by a pre-LLM pruned prompt remembers (``CACHE_CUT``), so that a call continuing it
-    cuts and numbers alike. k: tokens per image kept; prompt_len: the caller's prompt length (S, N placeholders
-    per image); positions: "compact" or "original"; length: the pruned prompt's length (L, the cache's length
-    after it); next_position: for "original", (B,) the position of the first token after the prompt in each row
-    (the last prompt column's position + 1, generate's own rule), None for "compact"."""
+    cuts and numbers alike. k: tokens per image kept (LLaVA-NeXT, Qwen2.5-VL: the budget); prompt_len: the
+    caller's prompt length (S, N placeholders per image); positions: "compact" or "original"; length: the pruned
+    prompt's length (L, the cache's length after it); next_position: for "original", (B,) the position of the
+    first token after the prompt in each row (the last prompt column's position + 1, generate's own rule), None
+    for "compact". LLaVA-NeXT and Qwen2.5-VL (images of different lengths): counts, the placeholders of each
+    image, and kept_counts, the tokens each kept; prompt_positions: Qwen's (3, B, L) rotary positions of the
+    pruned prompt."""
 
     k: int
     prompt_len: int
     positions: str = "compact"
     length: int = 0
     next_position: torch.Tensor | None = None
+    counts: tuple | None = None
+    kept_counts: tuple | None = None
+    prompt_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -209,6 +217,9 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     nothing to prune (no image runs, or budget >= N)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    fam = family_of(model)
+    if fam is not None:
+        return _family_call(model, state, kw, past, fam)
     N = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if ids is None and embeds is None:
@@ -224,11 +235,8 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
         method = getattr(cache, CACHE_FASTV)[2]
         raise ValueError(f"this cache was built by {method} (pruned inside the LLM); continue it with "
                          f"method={method!r}")
-    if past and not has_images:  # only the cached prompt's image runs are images; later ids are text
-        img = img.clone()
-        cached = prompt_len + past - record.length if record is not None else 0  # caller columns in the cache
-        whole = record is None or img.shape[1] > cached  # the whole conversation, or only the uncached tail
-        img[:, prompt_len if whole else 0:] = False
+    if past and not has_images:
+        img = _cached_images(img, record, past)
     if not bool(img.any()):
         return None
     if state.budget >= N and state.kept is None and cache_k is None:  # the unpatched run
@@ -242,12 +250,7 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     if past and not has_images:  # continuing a cache: cut the cached prompt's runs as they were cut
         if cache_k is None or cache_k >= N:
             return None
-        if cache_k != min(state.budget, N):
-            raise ValueError(f"this cache was built with {cache_k} tokens per image; the patch's budget is now "
-                             f"{state.budget}: continue with the budget it was built with")
-        if record.positions != positions:
-            raise ValueError(f"this cache was built with positions={record.positions!r}; the patch's positions are "
-                             f"now {positions!r}: continue with the positions it was built with")
+        _check_continuation(record, state, positions, min(state.budget, N))
         n_images = sum(len(r) for r in image_runs(img, N))
         kept = torch.arange(cache_k).expand(n_images, -1)  # which ones is moot: only the uncached tail is used
         cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=N, positions=positions,
@@ -271,9 +274,207 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=record)
 
 
+def _cached_images(img: torch.Tensor, record, past: int) -> torch.Tensor:
+    """Continuing a cache: only the cached prompt's image runs are images; later placeholder ids are text."""
+    img = img.clone()
+    prompt_len = record.prompt_len if record is not None else 0
+    cached = prompt_len + past - record.length if record is not None else 0  # caller columns in the cache
+    whole = record is None or img.shape[1] > cached  # the whole conversation, or only the uncached tail
+    img[:, prompt_len if whole else 0:] = False
+    return img
+
+
+def _check_continuation(record, state, positions: str, budget) -> None:
+    if record.k != budget:
+        raise ValueError(f"this cache was built with {record.k} tokens per image; the patch's budget is now "
+                         f"{state.budget}: continue with the budget it was built with")
+    if record.positions != positions:
+        raise ValueError(f"this cache was built with positions={record.positions!r}; the patch's positions are "
+                         f"now {positions!r}: continue with the positions it was built with")
+
+
 def pad_id(model) -> int:
     pad = model.generation_config.pad_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     return 0 if pad is None else int(pad)
 
 
+
+
+# ------------------------------------------------------------------ LLaVA-NeXT and Qwen2.5-VL (:mod:`.families`)
+@dataclass
+class _Reduced(BaseModelOutputWithPooling):
+    """The kept tokens' features the patch hands the model (``mm_encoder_outputs["image"]``): marks inputs
+    already cut, which the patched forward inside ``generate`` passes on unchanged."""
+
+
+def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
+    """:func:`prune_call` for a family whose images differ in length (``fam``: its adapter)."""
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if ids is None and embeds is None:
+        return None
+    mm = kw.get("mm_encoder_outputs") or {}
+    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
+    img = image_token_mask(model, ids, embeds)
+    cache = cache_of(kw)
+    record = getattr(cache, CACHE_CUT, None) if past else None
+    positions = positions_of(state)
+    if past and not has_images:
+        img = _cached_images(img, record, past)
+    if not bool(img.any()):
+        return None
+    if past and not has_images:  # continuing a cache: cut the cached prompt's runs as they were cut
+        if record is None:
+            return None
+        _check_continuation(record, state, positions, state.budget)
+        kept = [torch.arange(k) for k in record.kept_counts]  # which ones is moot: only the uncached tail is used
+        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=list(record.counts), positions=positions,
+                                pad_token_id=pad_id(model))
+        index = cut.pop("index")
+        if record.prompt_positions is not None:
+            cut["position_ids"] = _continued_rotary(record, index)
+        return Pruned(inputs=cut, kept=None, index=index)
+    if not has_images or isinstance(mm.get("image"), _Reduced):  # our own cut inputs, inside generate
+        return None
+    fam.check_call(model, kw, getattr(model.config, "vision_feature_select_strategy", None))
+    lay = fam.layout(model, kw)
+    if mm.get("image") is not None and kw.get("pixel_values") is None:
+        if [int(p.shape[0]) for p in mm["image"].pooler_output] != lay.counts:
+            return None  # already reduced (the user's own selection)
+    if state.kept is None and state.budget >= max(len(c) for c in lay.candidates):  # the unpatched run
+        state.kept_indices = [torch.arange(n) for n in lay.counts]
+        return None
+    if past:
+        raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
+                                  "generate again from the whole conversation")
+    kept, feats = _family_select(model, state, kw, img, fam, lay)
+    state.kept_indices = kept
+    cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
+                            tokens_per_image=lay.counts, positions=positions, pad_token_id=pad_id(model))
+    cut["mm_encoder_outputs"] = {**mm, "image": _Reduced(pooler_output=feats)}
+    index = cut.pop("index")
+    state._last_index = index
+    full = fam.full_positions(model, kw)
+    rotary = None
+    if full is not None:  # the kept columns' own rotary positions, never recomputed for the cut grid
+        rotary = full.gather(2, index.clamp_min(0).to(full.device)[None].expand(full.shape[0], -1, -1))
+        cut["position_ids"] = rotary = rotary.masked_fill((index < 0).to(full.device)[None], 0)
+        nxt = rotary[0, :, -1] + 1  # the last column is text: its three positions are equal
+    else:
+        nxt = cut["position_ids"][:, -1] + 1 if positions == "original" else None
+    seq = ids if ids is not None else embeds
+    record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
+                       tuple(len(k) for k in kept), rotary)
+    return Pruned(inputs=cut, kept=kept, index=index, record=record)
+
+
+def _continued_rotary(record: CutRecord, index: torch.Tensor) -> torch.Tensor:
+    """(3, B, L) rotary positions for a call continuing a Qwen cache: the pruned prompt's own, then the text
+    after it numbered on from ``next_position`` (only the uncached tail is read)."""
+    pp = record.prompt_positions
+    reps = max(index.shape[0] // pp.shape[1], 1)  # beams / num_return_sequences
+    pp = pp.repeat_interleave(reps, dim=1).to(index.device)
+    nxt = record.next_position.repeat_interleave(reps).to(index.device)
+    tail = nxt[:, None] + torch.arange(index.shape[1] - pp.shape[2], device=index.device)
+    return torch.cat([pp, tail[None].expand(pp.shape[0], -1, -1)], dim=2)
+
+
+def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
+    """Per image: kept offsets into its placeholder run (ascending) and the features the LLM receives there."""
+    from .attention import vision_cls_attention
+
+    mm = kw.get("mm_encoder_outputs") or {}
+    wants_cls = state.method in CLS_HEADS and state.kept is None
+    if wants_cls and not fam.has_cls:
+        raise ValueError(f"{state.method} needs the vision tower's CLS attention; {type(model).__name__}'s tower "
+                         "has no CLS token: use a method that does not read it (svd, divprune, cdpruner, ...)")
+    layer = feature_layer(model, kw.get("vision_feature_layer")) if fam.has_cls else None
+    box = {}
+    if mm.get("image") is not None:
+        if wants_cls:
+            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
+                             "mm_encoder_outputs do not carry: pass pixel_values")
+        out = mm["image"]
+    else:
+        keys = state.method in NEEDS_KEYS
+        with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
+            out = fam.encode(model, kw, layer)
+        box.update(cls)
+    proj = list(out.pooler_output)
+    if len(proj) != len(lay.counts):
+        raise ValueError(f"the prompts hold {len(lay.counts)} images, the image inputs {len(proj)}")
+    runs = image_runs(img, lay.counts)  # raises, naming the row, when the placeholders do not match the images
+    if state.kept is not None:
+        kept = [torch.as_tensor(k).long() for k in state.kept]
+        if len(kept) != len(proj):
+            raise ValueError(f"the stored selection (kept) holds {len(kept)} images, this call {len(proj)}")
+        return kept, kept_features(proj, kept)
+    space = state.feature or default_feature(state.method)
+    feats = fam.features(model, kw, out, lay, layer, proj, space)
+    att = keys = None
+    if "cls" in box:
+        att = fam.tower_signal(box["cls"].sum(1) if CLS_HEADS[state.method] == "sum" else box["cls"].mean(1), lay)
+    if "keys" in box:
+        keys = fam.tower_signal(box["keys"], lay)
+    rows = [b for b, r in enumerate(runs) for _ in r]
+    kept_all, out_feats = [], []
+    for i, cand in enumerate(lay.candidates):
+        if state.budget >= len(cand):  # this image whole, newlines included
+            kept_all.append(torch.arange(lay.counts[i]))
+            out_feats.append(proj[i])
+            continue
+        signals = {}
+        if att is not None:
+            signals["attention"] = att[i]
+        if keys is not None:
+            signals["keys"] = keys[i]
+        if state.method == "cdpruner":
+            signals["relevance"] = instruction_relevance(model, kw, img, torch.tensor([rows[i]]),
+                                                         [proj[i][cand.to(proj[i].device)]])[0]
+        kept, merged = _reduce_image(state, fam, lay, i, feats[i], signals)
+        full = proj[i]
+        if merged is not None:
+            full = full.clone()
+            full[kept.to(full.device)] = merged_to_llm(model, merged, space).to(full.dtype)
+        if getattr(state, "newlines", "drop") == "keep":
+            kept = fam.keep_newlines(lay, i, kept)
+        kept_all.append(kept)
+        out_feats.append(full[kept.to(full.device)])
+    return kept_all, out_feats
+
+
+def _reduce_image(state, fam, lay, i: int, feats: torch.Tensor, signals: dict):
+    """One image's reduction over its candidates, per image or per tile (``state.scope``): kept offsets into its
+    placeholder run (ascending) and, for a merging method, their merged features (in that order)."""
+    cand = lay.candidates[i]
+    grid = lay.grids[i]
+    if getattr(state, "scope", "image") == "tile":
+        tiles = lay.tiles[i]
+        groups = [(tiles == t).nonzero().flatten() for t in torch.unique(tiles)]
+    else:
+        groups = [torch.arange(len(cand))]
+    if state.method == "uniform" and (grid is None or len(groups) > 1):
+        raise ValueError(f"uniform spreads its tokens over one patch grid; the {fam.name} candidates of an image do "
+                         "not form one (base tile + unpadded tile grid): use another method")
+    picked, merged = [], []
+    for g in groups:
+        if len(g) <= state.budget:
+            picked.append(g)
+            merged.append(None)
+            continue
+        dev = feats.device
+        sig = {k: v[g.to(v.device)][None] for k, v in signals.items()}
+        sig.update(state.selector_kwargs)
+        if grid is not None:
+            sig.setdefault("grid", grid)
+        red = reduce_tokens(feats[g.to(dev)][None], state.budget, state.method, **sig).in_raster_order()
+        picked.append(g[red.kept[0].cpu()])
+        merged.append(None if red.features is None else red.features[0])
+    order = torch.cat(picked)
+    kept = cand[order]
+    srt = kept.argsort()
+    if all(m is None for m in merged):
+        return kept[srt], None
+    if any(m is None for m in merged):  # a tile small enough to keep whole: its own features
+        merged = [m if m is not None else feats[g.to(feats.device)] for m, g in zip(merged, picked)]
+    return kept[srt], torch.cat(merged)[srt.to(feats.device)]
