@@ -345,9 +345,9 @@ def test_divprune_scores_the_projected_features_by_default(tiny_llava):
     assert not torch.equal(select_tokens(proj, 24, method="divprune"), select_tokens(vis, 24, method="divprune"))
 
 
-def test_families_not_supported_yet_say_so():
-    """LLaVA-NeXT and Qwen2.5-VL models (tiny, random, built here) are refused with a message naming the family
-    as not supported yet, and nothing of theirs is touched."""
+def test_patch_llava_points_other_families_to_patch_model():
+    """patch_llava stays LLaVA-1.5 only: LLaVA-NeXT and Qwen2.5-VL models (tiny, random, built here) are refused
+    with a message pointing to patch_model, and nothing of theirs is touched."""
     from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration)
 
@@ -363,6 +363,6 @@ def test_families_not_supported_yet_say_so():
         image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63))
     for model in (nxt, qwen):
         before = dict(vars(model))
-        with pytest.raises(TypeError, match=f"got {type(model).__name__} — this family is not supported yet"):
+        with pytest.raises(TypeError, match=f"got {type(model).__name__} — use patch_model for this family"):
             patch_llava(model, budget=4)
         assert vars(model).keys() == before.keys() and not hasattr(model, "svdprune")

@@ -185,7 +185,11 @@ def _check_common(model, state: PruneState) -> None:
     if state.method not in known_methods():
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
                          f"merging: {sorted(REDUCERS)}, inside the LLM: {sorted(IN_LLM)}")
-    state.budget = check_budget(state.budget)
+    if family_of(model) is not None and isinstance(state.budget, float):  # a ratio of each image's tokens
+        if not 0.0 < state.budget <= 1.0:
+            raise ValueError(f"a float budget is a ratio of each image's tokens in (0, 1], got {state.budget}")
+    else:
+        state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
         raise ValueError(f"feature must be one of {_FEATURES} (or None: the method's default), got {state.feature!r}")
     if state.positions is not None and state.positions not in POSITIONS:
@@ -311,16 +315,26 @@ def _generate(self, *args, **kwargs):
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = prune_call(self, state, kw, past)
     if pruned is None:
-        return orig(**kw)
+        return _inside_generate(state, orig, kw)
     new = pruned.inputs
     key = "input_ids" if kw.get("input_ids") is not None else "inputs_embeds"
     delta = kw[key].shape[1] - new[key].shape[1]
     _lengths(self, new, delta, kw[key].shape[1])
     if new.get("streamer") is not None and key == "input_ids":
         new["streamer"] = _PromptStreamer(new["streamer"], kw["input_ids"])
-    out = orig(**new)
+    out = _inside_generate(state, orig, new)
     pruned.mark(cache, getattr(out, "cache", None))
     return out if key != "input_ids" else _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
+
+
+def _inside_generate(state, orig, kw: dict):
+    """The original generate on inputs the patch has cut (or had nothing to cut in): the forwards it makes pass
+    them on (for LLaVA-NeXT and Qwen, whose pre-encoded image inputs inside generate lack the layout)."""
+    state._in_generate = True
+    try:
+        return orig(**kw)
+    finally:
+        state._in_generate = False
 
 
 def _continued_positions(cache, past: int, kw: dict) -> dict:
@@ -406,7 +420,8 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     or kept at the end of each grid row that keeps a token (``"keep"``); ``feature="vision"`` scores the tower's
     ``vision_feature_layer`` patch features of every tile, ``"projected"`` the packed LLM inputs.
     ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``: budget = merged tokens kept per
-    image; the kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
+    image.
+    For both, a float budget in (0, 1] is a ratio: each image (or tile) keeps ceil(ratio × its tokens). Qwen: the kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
     ``feature="vision"`` scores the tower's last block output (the four patches of each merged token
     concatenated), ``"projected"`` the merger's output. The tower has no CLS token: cls_attention, vispruner
     and visionzip raise ValueError at the call.

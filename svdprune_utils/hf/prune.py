@@ -8,6 +8,7 @@ pruned prompt leaves on the KV cache it fills."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -286,7 +287,8 @@ def _cached_images(img: torch.Tensor, record, past: int) -> torch.Tensor:
 
 def _check_continuation(record, state, positions: str, budget) -> None:
     if record.k != budget:
-        raise ValueError(f"this cache was built with {record.k} tokens per image; the patch's budget is now "
+        what = f"{record.k} tokens per image" if isinstance(record.k, int) else f"budget ratio {record.k}"
+        raise ValueError(f"this cache was built with {what}; the patch's budget is now "
                          f"{state.budget}: continue with the budget it was built with")
     if record.positions != positions:
         raise ValueError(f"this cache was built with positions={record.positions!r}; the patch's positions are "
@@ -309,7 +311,10 @@ class _Reduced(BaseModelOutputWithPooling):
 
 
 def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
-    """:func:`prune_call` for a family whose images differ in length (``fam``: its adapter)."""
+    """:func:`prune_call` for a family whose images differ in length (``fam``: its adapter). Inside the patched
+    ``generate`` the inputs are already cut (or have nothing to cut): the forwards pass them on."""
+    if state._in_generate:
+        return None
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if ids is None and embeds is None:
         return None
@@ -341,7 +346,7 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     if mm.get("image") is not None and kw.get("pixel_values") is None:
         if [int(p.shape[0]) for p in mm["image"].pooler_output] != lay.counts:
             return None  # already reduced (the user's own selection)
-    if state.kept is None and state.budget >= max(len(c) for c in lay.candidates):  # the unpatched run
+    if state.kept is None and all(kept_count(state.budget, len(c)) >= len(c) for c in lay.candidates):  # unpatched
         state.kept_indices = [torch.arange(n) for n in lay.counts]
         return None
     if past:
@@ -366,6 +371,11 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
                        tuple(len(k) for k in kept), rotary)
     return Pruned(inputs=cut, kept=kept, index=index, record=record)
+
+
+def kept_count(budget, n: int) -> int:
+    """Tokens kept out of ``n``: an int budget as it is, a float one a ratio (ceil(ratio × n), at least 1)."""
+    return budget if isinstance(budget, int) else max(1, math.ceil(budget * n - 1e-9))
 
 
 def _continued_rotary(record: CutRecord, index: torch.Tensor) -> torch.Tensor:
@@ -419,7 +429,7 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
     rows = [b for b, r in enumerate(runs) for _ in r]
     kept_all, out_feats = [], []
     for i, cand in enumerate(lay.candidates):
-        if state.budget >= len(cand):  # this image whole, newlines included
+        if kept_count(state.budget, len(cand)) >= len(cand):  # this image whole, newlines included
             kept_all.append(torch.arange(lay.counts[i]))
             out_feats.append(proj[i])
             continue
@@ -458,7 +468,8 @@ def _reduce_image(state, fam, lay, i: int, feats: torch.Tensor, signals: dict):
                          "not form one (base tile + unpadded tile grid): use another method")
     picked, merged = [], []
     for g in groups:
-        if len(g) <= state.budget:
+        k = kept_count(state.budget, len(g))
+        if len(g) <= k:
             picked.append(g)
             merged.append(None)
             continue
@@ -467,7 +478,7 @@ def _reduce_image(state, fam, lay, i: int, feats: torch.Tensor, signals: dict):
         sig.update(state.selector_kwargs)
         if grid is not None:
             sig.setdefault("grid", grid)
-        red = reduce_tokens(feats[g.to(dev)][None], state.budget, state.method, **sig).in_raster_order()
+        red = reduce_tokens(feats[g.to(dev)][None], k, state.method, **sig).in_raster_order()
         picked.append(g[red.kept[0].cpu()])
         merged.append(None if red.features is None else red.features[0])
     order = torch.cat(picked)

@@ -1,0 +1,508 @@
+"""patch_model on LLaVA-NeXT (anyres) and Qwen2.5-VL: the LLaVA-1.5 patch contract on tiny random models built
+in-process, against independent references (the model's own full-sequence path, transformers' own packing and
+rotary positions, hand-built pruned runs of the language model)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import (IMAGE_TOKEN_ID, QWEN_IDS, build_tiny_llava_next, build_tiny_qwen, next_inputs, qwen_inputs,
+                      second_turn)
+
+from svdprune_utils import select_tokens
+from svdprune_utils.hf.patch import patch_llava, patch_model, prune_inputs, unpatch_model
+
+NEXT_ROWS = [(3, [(100, 60)], 4), (2, [(40, 120), (56, 56)], 3)]  # row 1: two images of different lengths
+QWEN_ROWS = [(3, [(8, 12)], 4), (2, [(4, 8), (8, 8)], 3)]
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    return build_tiny_llava_next()
+
+
+@pytest.fixture(scope="module")
+def qwen_model():
+    return build_tiny_qwen()
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(request):
+    yield
+    for name in ("next_model", "qwen_model"):
+        if name in request.fixturenames:
+            unpatch_model(request.getfixturevalue(name))
+
+
+def _family(request, name):
+    if name == "next":
+        model = request.getfixturevalue("next_model")
+        return model, lambda rows=NEXT_ROWS, **k: next_inputs(model, rows, **k), IMAGE_TOKEN_ID
+    model = request.getfixturevalue("qwen_model")
+    return model, lambda rows=QWEN_ROWS, **k: qwen_inputs(rows, **k), QWEN_IDS["image_token_id"]
+
+
+def _gen(model, x, n=4, **kw):
+    with torch.no_grad():
+        return model.generate(**x, max_new_tokens=n, do_sample=False, **kw)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def _row(x: dict, b: int, images: list) -> dict:
+    """Row b of a batch alone (its padding removed), with its own images."""
+    real = x["attention_mask"][b].bool()
+    out = {k: v[b:b + 1][:, real] for k, v in x.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "image_sizes" in x:
+        out |= {"pixel_values": x["pixel_values"][images], "image_sizes": x["image_sizes"][images]}
+    else:
+        grid = x["image_grid_thw"]
+        sizes = grid.prod(-1).tolist()
+        pix = torch.split(x["pixel_values"], sizes)
+        out |= {"pixel_values": torch.cat([pix[i] for i in images]), "image_grid_thw": grid[images]}
+    return out
+
+
+IMAGES_OF_ROW = {0: [0], 1: [1, 2]}
+
+
+# --------------------------------------------------------------------------------------------- identity
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_budget_at_least_n_is_the_unpatched_model(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    ref_logits, ref_gen = _logits(model, x), _gen(model, x)
+    patch_model(model, "svd", budget=10_000)
+    assert torch.equal(_logits(model, x), ref_logits) and torch.equal(_gen(model, x), ref_gen)
+    counts = [int(k.numel()) for k in model.svdprune.kept_indices]
+    assert counts == [int(p.shape[0]) for p in _image_features(model, x).pooler_output]
+    unpatch_model(model)
+    assert torch.equal(_logits(model, x), ref_logits) and "generate" not in vars(model)
+
+
+def _image_features(model, x):
+    with torch.no_grad():
+        if "image_sizes" in x:
+            return model.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"],
+                                                  return_dict=True)
+        return model.model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_keeping_every_token_through_the_cut_equals_unpatched(request, family):
+    """A stored selection of every placeholder goes through the whole apply path (cut, re-pad, Qwen's gathered
+    3-D positions, mm_encoder_outputs) and must give the unpatched logits at every real column."""
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    ref = _logits(model, x)
+    every = [torch.arange(p.shape[0]) for p in _image_features(model, x).pooler_output]
+    patch_model(model, "random", budget=1, kept=every)
+    out = _logits(model, x)
+    real = x["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the pruned run, by hand
+def _hand_pruned_logits(model, x, kept):
+    """The language model on the full prompt's own input embeddings (image features scattered by the unpatched
+    model's rule) with the dropped placeholders removed: LLaVA-NeXT with consecutive positions from the cut mask,
+    Qwen with the full prompt's 3-D positions (``get_rope_index`` on the full prompt) at the kept columns."""
+    img = x["input_ids"] == (QWEN_IDS["image_token_id"] if "image_grid_thw" in x else IMAGE_TOKEN_ID)
+    feats = _image_features(model, x).pooler_output
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(x["input_ids"]).clone()
+        emb[img] = torch.cat(list(feats))
+    keep = ~img & x["attention_mask"].bool()
+    i = 0
+    for b in range(img.shape[0]):
+        cols = img[b].nonzero().flatten()
+        start = 0
+        while start < len(cols) and i < len(kept):
+            n = feats[i].shape[0]
+            keep[b, cols[start:start + n][kept[i]]] = True
+            start += n
+            i += 1
+    out = []
+    for b in range(img.shape[0]):
+        e = emb[b][keep[b]][None]
+        kw = {}
+        if "image_grid_thw" in x:
+            pos, _ = model.model.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+                                                image_grid_thw=x["image_grid_thw"],
+                                                attention_mask=x["attention_mask"])
+            kw["position_ids"] = pos[:, b:b + 1, keep[b]]
+        with torch.no_grad():
+            h = model.model.language_model(inputs_embeds=e, **kw).last_hidden_state
+            out.append(model.lm_head(h)[0])
+    return out
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+@pytest.mark.parametrize("method", ["svd", "divprune", "cdpruner"])
+def test_pruned_forward_equals_the_hand_built_pruned_run(request, family, method):
+    model, inputs, _ = _family(request, family)
+    x = inputs(pad_left=True)
+    patch_model(model, method, budget=5)
+    out = _logits(model, x)
+    kept = model.svdprune.kept_indices
+    assert [len(k) for k in kept] == [5, 5, 5]
+    ref = _hand_pruned_logits(model, x, kept)
+    for b in range(2):
+        torch.testing.assert_close(out[b, -len(ref[b]):], ref[b], atol=1e-5, rtol=1e-5)
+
+
+def test_next_selection_scores_the_packed_vision_features(next_model):
+    """svd on LLaVA-NeXT scores the layer −2 patch features of every tile, packed as transformers packs them
+    (pack_image_features on the vision features themselves, no newlines): the kept placeholders must carry the
+    projector's output of exactly the tokens select_tokens picks there."""
+    x = next_inputs(next_model, NEXT_ROWS)
+    patch_model(next_model, "svd", budget=6)
+    kept = prune_inputs(next_model, **x).kept
+    full = _image_features(next_model, x)
+    with torch.no_grad():
+        out = next_model.model.vision_tower(next_model_pixels(next_model, x), output_hidden_states=True)
+        vision = out.hidden_states[-2][:, 1:]
+        tiles = [t.shape[0] for t in torch.split(vision, _tiles(next_model, x))]
+        packed, _ = next_model.model.pack_image_features(list(torch.split(vision, tiles)), x["image_sizes"],
+                                                         "default", image_newline=None)
+        for i, v in enumerate(packed):
+            ref = select_tokens(v[None], 6, "svd")[0]
+            proj = next_model.model.multi_modal_projector(v[ref])
+            torch.testing.assert_close(full.pooler_output[i][kept[i]], proj, atol=1e-5, rtol=1e-5)
+
+
+def _tiles(model, x):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(s, model.config.image_grid_pinpoints, 56) for s in x["image_sizes"]]
+
+
+def next_model_pixels(model, x):
+    return torch.cat([p[:t] for p, t in zip(x["pixel_values"], _tiles(model, x))])
+
+
+def test_qwen_vision_features_are_the_mergers_input(qwen_model):
+    """Qwen's "vision" features (the last block's output regrouped 2×2 in raster order) must be what the merger
+    turns into the LLM's image features: merger(features) == pooler_output, image by image."""
+    from svdprune_utils.hf.families import FAMILIES
+
+    fam = FAMILIES["qwen2_5_vl"]
+    x = qwen_inputs(QWEN_ROWS)
+    out = _image_features(qwen_model, x)
+    lay = fam.layout(qwen_model, x)
+    feats = fam.features(qwen_model, x, out, lay, None, list(out.pooler_output), "vision")
+    with torch.no_grad():
+        for f, p in zip(feats, out.pooler_output):
+            torch.testing.assert_close(qwen_model.model.visual.merger(f.reshape(-1, 32)), p, atol=1e-6, rtol=1e-5)
+    patch_model(qwen_model, "svd", budget=4)
+    kept = prune_inputs(qwen_model, **x).kept
+    for f, k in zip(feats, kept):
+        assert torch.equal(k, select_tokens(f[None], 4, "svd")[0])
+
+
+# ---------------------------------------------------------------------------------- generate contract
+@pytest.mark.parametrize("family", ["next", "qwen"])
+@pytest.mark.parametrize("pad_left", [True, False])
+def test_batch_equals_each_row_alone(request, family, pad_left):
+    model, inputs, _ = _family(request, family)
+    x = inputs(pad_left=pad_left)
+    patch_model(model, "svd", budget=5)
+    out = _logits(model, x)
+    kept = [k.clone() for k in model.svdprune.kept_indices]
+    gen = _gen(model, x) if pad_left else None
+    S = x["input_ids"].shape[1]
+    for b in range(2):
+        one = _row(x, b, IMAGES_OF_ROW[b])
+        solo = _logits(model, one)
+        assert all(torch.equal(kept[i], k) for i, k in zip(IMAGES_OF_ROW[b], model.svdprune.kept_indices))
+        n = solo.shape[1]
+        got = out[b, -n:] if pad_left else out[b, :n]
+        torch.testing.assert_close(got, solo[0], atol=1e-5, rtol=1e-5)
+        if gen is not None:
+            assert torch.equal(gen[b, S:], _gen(model, one)[0, one["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_generate_with_cache_equals_without(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    patch_model(model, "svd", budget=5)
+    a = _gen(model, x, n=5)
+    b = _gen(model, x, n=5, use_cache=False)
+    assert torch.equal(a, b) and torch.equal(a[:, :x["input_ids"].shape[1]], x["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_generated_tokens_follow_the_pruned_runs_logits(request, family):
+    """Greedy generation's tokens are the argmax of a no-cache forward over the pruned prompt + tokens so far
+    (each step through the patched forward: cut, positions, new tokens numbered on from the prompt)."""
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    patch_model(model, "svd", budget=5)
+    seq = _gen(model, x, n=3)
+    S = x["input_ids"].shape[1]
+    for t in range(3):
+        y = dict(x, input_ids=seq[:, :S + t],
+                 attention_mask=torch.cat([x["attention_mask"], torch.ones(2, t, dtype=torch.long)], 1))
+        if "mm_token_type_ids" in x:
+            y["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros(2, t, dtype=torch.long)], 1)
+        assert torch.equal(_logits(model, y)[:, -1].argmax(-1), seq[:, S + t])
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_continuing_the_returned_cache(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    patch_model(model, "svd", budget=5)
+    one = _gen(model, x, n=6)
+    first = _gen(model, x, n=3, return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        cont = model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
+                              max_new_tokens=3, do_sample=False)
+    assert torch.equal(cont, one)
+    first = _gen(model, x, n=3, return_dict_in_generate=True)  # (the continuation above grew the cache)
+    conv, cmask = second_turn(x, first.sequences)  # a second turn: new text after the first answer
+    extra = {k: v for k, v in x.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    fresh_kw = dict(extra)
+    if "mm_token_type_ids" in x:
+        fresh_kw["mm_token_type_ids"] = torch.cat(
+            [x["mm_token_type_ids"], torch.zeros(2, conv.shape[1] - x["input_ids"].shape[1], dtype=torch.long)], 1)
+    with torch.no_grad():
+        cont = model.generate(conv, attention_mask=cmask, cache=first.past_key_values, max_new_tokens=4,
+                              do_sample=False)
+        fresh = model.generate(conv, attention_mask=cmask, max_new_tokens=4, do_sample=False, **fresh_kw)
+    assert torch.equal(cont, fresh)
+    first = _gen(model, x, n=3, return_dict_in_generate=True)
+    model.svdprune.budget = 6
+    with pytest.raises(ValueError, match="built with 5 tokens per image"):
+        model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
+                       max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_beams_sampling_and_lengths(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    S = x["input_ids"].shape[1]
+    patch_model(model, "svd", budget=5)
+    beams = _gen(model, x, n=4, num_beams=3, num_return_sequences=2)
+    assert beams.shape == (4, S + 4) and torch.equal(beams[:, :S], x["input_ids"].repeat_interleave(2, 0))
+    for b in range(2):
+        one = _row(x, b, IMAGES_OF_ROW[b])
+        solo = _gen(model, one, n=4, num_beams=3, num_return_sequences=2)
+        assert torch.equal(beams[2 * b:2 * b + 2, S:], solo[:, one["input_ids"].shape[1]:])
+    torch.manual_seed(0)
+    a = model.generate(**x, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    torch.manual_seed(0)
+    assert torch.equal(a, model.generate(**x, max_new_tokens=4, do_sample=True, num_return_sequences=2))
+    with torch.no_grad():
+        out = model.generate(**x, max_length=S + 3, do_sample=False)
+    assert out.shape[1] == S + 3 and torch.equal(out, _gen(model, x, n=3))
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_labels_deepcopy_and_unpatch(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    ref = _logits(model, x)
+    patch_model(model, "svd", budget=5)
+    with torch.no_grad():
+        out = model(**x, labels=x["input_ids"])
+    L = out.logits.shape[1]
+    p = prune_inputs(model, **x)
+    labels = p.inputs["input_ids"].masked_fill(p.inputs["attention_mask"] == 0, -100)
+    logits, target = out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    assert L == labels.shape[1]
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target), atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(model)
+    twin.svdprune.budget = 10_000
+    assert torch.equal(_logits(twin, x), ref) and model.svdprune.budget == 5
+    assert _logits(model, x).shape[1] == L
+    unpatch_model(model)
+    assert torch.equal(_logits(model, x), ref)
+
+
+def test_next_inputs_embeds_equals_input_ids(next_model):
+    x = next_inputs(next_model, NEXT_ROWS)
+    patch_model(next_model, "svd", budget=5)
+    a = _logits(next_model, x)
+    with torch.no_grad():
+        emb = next_model.get_input_embeddings()(x["input_ids"])
+    y = {k: v for k, v in x.items() if k != "input_ids"} | {"inputs_embeds": emb}
+    torch.testing.assert_close(_logits(next_model, y), a, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- LLaVA-NeXT's rules, stated
+def _newline_offsets(model, x, i):
+    """Offsets of image i's newline tokens: the packed rows equal to the model's image_newline."""
+    p = _image_features(model, x).pooler_output[i]
+    return (p == model.model.image_newline.to(p.dtype)).all(-1).nonzero().flatten()
+
+
+def test_next_newlines_dropped_or_kept_per_grid_row(next_model):
+    x = next_inputs(next_model, NEXT_ROWS)
+    patch_model(next_model, "svd", budget=6)
+    dropped = prune_inputs(next_model, **x).kept
+    patch_model(next_model, "svd", budget=6, newlines="keep")
+    kept = prune_inputs(next_model, **x).kept
+    P = 16  # the base tile's patches come first and have no newline
+    for i in range(3):
+        nl = _newline_offsets(next_model, x, i)
+        assert not set(dropped[i].tolist()) & set(nl.tolist()) and len(dropped[i]) == 6
+        grid = [int(k) for k in dropped[i] if k >= P]
+        rows = {int(nl[nl >= k][0]) for k in grid}  # a grid token's row ends at the next newline
+        assert set(kept[i].tolist()) == set(dropped[i].tolist()) | rows
+        assert torch.equal(kept[i], kept[i].sort().values)
+
+
+def test_next_budget_per_tile(next_model):
+    """scope='tile': the base tile and every grid tile keep min(budget, their tokens) each."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    x = next_inputs(next_model, [(3, [(100, 60)], 4)])
+    patch_model(next_model, "svd", budget=3, scope="tile")
+    kept = prune_inputs(next_model, **x).kept[0]
+    gh, gw = get_anyres_image_grid_shape(x["image_sizes"][0], next_model.config.image_grid_pinpoints, 56)
+    assert int((kept < 16).sum()) == 3
+    assert len(kept) == 3 * (1 + gh * gw)  # each 4×4 tile keeps >= 3 tokens after unpadding 100×60 to its grid
+
+
+# ------------------------------------------------------------------------------------- clear errors
+def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
+    xq = qwen_inputs(QWEN_ROWS)
+    for method in ("cls_attention", "vispruner", "visionzip"):
+        patch_model(qwen_model, method, budget=4)
+        with pytest.raises(ValueError, match="has no CLS token"):
+            _logits(qwen_model, xq)
+    for model in (next_model, qwen_model):
+        for method in ("fastv", "sparsevlm"):
+            with pytest.raises(NotImplementedError, match="not supported for"):
+                patch_model(model, method, budget=4)
+    with pytest.raises(ValueError, match="positions in \\('original',\\)"):
+        patch_model(qwen_model, "svd", budget=4, positions="compact")
+    with pytest.raises(ValueError, match="LLaVA-NeXT's knobs"):
+        patch_model(qwen_model, "svd", budget=4, scope="tile")
+    with pytest.raises(ValueError, match="scope must be"):
+        patch_model(next_model, "svd", budget=4, scope="tiles")
+    with pytest.raises(ValueError, match="per-token signals"):
+        patch_model(next_model, "cdpruner", budget=4, relevance=torch.ones(3, 10))
+    with pytest.raises(TypeError, match="use patch_model"):
+        patch_llava(next_model, budget=4)
+    with pytest.raises(TypeError, match="patch_model supports"):
+        patch_model(torch.nn.Linear(2, 2))
+    xn = next_inputs(next_model, NEXT_ROWS)
+    patch_model(next_model, "uniform", budget=4)
+    with pytest.raises(ValueError, match="uniform spreads its tokens over one patch grid"):
+        _logits(next_model, xn)
+    patch_model(next_model, "svd", budget=4)
+    with pytest.raises(ValueError, match="needs image_sizes"):
+        _logits(next_model, {k: v for k, v in xn.items() if k != "image_sizes"})
+    patch_model(qwen_model, "svd", budget=4)
+    with pytest.raises(NotImplementedError, match="video inputs"):
+        _logits(qwen_model, xq | {"pixel_values_videos": torch.zeros(4, 1176), "video_grid_thw": torch.ones(1, 3)})
+    with pytest.raises(ValueError, match="needs mm_token_type_ids"):
+        _logits(qwen_model, {k: v for k, v in xq.items() if k != "mm_token_type_ids"})
+    wrong = dict(xq, input_ids=xq["input_ids"].clone())
+    wrong["input_ids"][0, wrong["input_ids"][0] == QWEN_IDS["image_token_id"]] = 5  # row 0 loses its image
+    with pytest.raises(ValueError, match="row 1: image 0.s placeholders must be a run of 24"):
+        _logits(qwen_model, wrong)
+    with pytest.raises(ValueError, match="kept\\[1\\] must hold strictly ascending"):
+        patch_model(qwen_model, "random", budget=1, kept=[torch.tensor([0, 1]), torch.tensor([2, 1])])
+    patch_model(qwen_model, "random", budget=1, kept=[torch.tensor([0, 99])] * 3)
+    with pytest.raises(ValueError, match="kept\\[0\\] must be strictly ascending indices in \\[0, 24\\)"):
+        _logits(qwen_model, xq)
+
+
+# ------------------------------------------------------------------------- every method, where it can run
+def _pre_llm_methods():
+    from svdprune_utils.core.reduction import REDUCERS
+    from svdprune_utils.core.selection import SELECTORS
+
+    return sorted((set(SELECTORS) | set(REDUCERS)) - {"fastv"})
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+@pytest.mark.parametrize("method", _pre_llm_methods())
+def test_every_pre_llm_method_where_its_signals_exist(request, family, method):
+    """Each image reaches the LLM with exactly `budget` tokens (rows hold 1 and 2 images), or the method is refused
+    with the reason: Qwen's tower has no CLS token; LLaVA-NeXT's tokens form no single grid for uniform."""
+    model, inputs, image_id = _family(request, family)
+    x = inputs()
+    patch_model(model, method, budget=5)
+    if family == "qwen" and method in ("cls_attention", "vispruner", "visionzip"):
+        with pytest.raises(ValueError, match="has no CLS token"):
+            prune_inputs(model, **x)
+        return
+    if family == "next" and method == "uniform":
+        with pytest.raises(ValueError, match="one patch grid"):
+            prune_inputs(model, **x)
+        return
+    p = prune_inputs(model, **x)
+    assert (p.inputs["input_ids"] == image_id).sum(1).tolist() == [5, 10]
+    assert [len(k) for k in p.kept] == [5, 5, 5]
+    with torch.no_grad():
+        out = model(**x)
+    assert out.logits.shape[1] == p.inputs["input_ids"].shape[1] and torch.isfinite(out.logits).all()
+    again = prune_inputs(model, **x)  # deterministic
+    assert all(torch.equal(a, b) for a, b in zip(again.kept, p.kept))
+
+
+def test_qwen_uniform_spreads_over_each_images_merged_grid(qwen_model):
+    from svdprune_utils.core.selection import select_uniform
+
+    x = qwen_inputs(QWEN_ROWS)
+    patch_model(qwen_model, "uniform", budget=4)
+    kept = prune_inputs(qwen_model, **x).kept
+    for k, (h, w) in zip(kept, [(4, 6), (2, 4), (4, 4)]):  # the merged grids of 8×12, 4×8 and 8×8 patches
+        assert torch.equal(k, select_uniform(torch.zeros(1, h * w, 1), 4, grid=(h, w))[0])
+
+
+def test_a_budget_ratio_keeps_a_share_of_each_image(qwen_model, next_model):
+    x = qwen_inputs(QWEN_ROWS)
+    patch_model(qwen_model, "svd", budget=0.25)
+    assert [len(k) for k in prune_inputs(qwen_model, **x).kept] == [6, 2, 4]  # ceil(0.25 × 24, 8, 16)
+    patch_model(qwen_model, "svd", budget=1.0)
+    ref = _logits(qwen_model, x)
+    unpatch_model(qwen_model)
+    assert torch.equal(_logits(qwen_model, x), ref)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="ratio of each image's tokens in \\(0, 1\\]"):
+            patch_model(qwen_model, "svd", budget=bad)
+    xn = next_inputs(next_model, [(3, [(100, 60)], 4)])
+    patch_model(next_model, "svd", budget=0.1)
+    n_patches = 16 + sum(1 for v in _image_features(next_model, xn).pooler_output[0][16:]
+                         if not torch.equal(v, next_model.model.image_newline))
+    assert len(prune_inputs(next_model, **xn).kept[0]) == -(-n_patches // 10)
+
+
+def test_next_cls_attention_is_each_tiles_cls_row_packed(next_model):
+    """cls_attention on LLaVA-NeXT ranks every patch of every tile by its own tile's CLS→patch attention (heads
+    averaged) at the feature layer; the reference reads eager attention weights from the tower and packs them
+    with transformers' pack_image_features (no newlines)."""
+    x = next_inputs(next_model, NEXT_ROWS)
+    patch_model(next_model, "cls_attention", budget=6)
+    kept = prune_inputs(next_model, **x).kept
+    cfg = next_model.model.vision_tower.config
+    before = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            att = next_model.model.vision_tower(next_model_pixels(next_model, x), output_attentions=True).attentions
+    finally:
+        cfg._attn_implementation = before
+    cls = att[-2][:, :, 0, 1:].mean(1)  # layer −2's output is hidden_states[-2]: the attention of encoder layer −2
+    tiles = _tiles(next_model, x)
+    packed, _ = next_model.model.pack_image_features([c[..., None] for c in torch.split(cls, tiles)],
+                                                     x["image_sizes"], "default", image_newline=None)
+    full = _image_features(next_model, x).pooler_output
+    nl = next_model.model.image_newline
+    for i, a in enumerate(packed):
+        cand = [j for j in range(full[i].shape[0]) if not torch.equal(full[i][j], nl)]
+        ref = torch.tensor(cand)[a[:, 0].topk(6).indices].sort().values
+        assert torch.equal(kept[i], ref)
