@@ -213,3 +213,20 @@ def qwen_inputs(rows, seed: int = 0, pad_left: bool = True) -> dict:
         types.append(torch.cat(tt))
     out = _padded(seqs, pad_left, {"mm_token_type_ids": types})
     return out | {"pixel_values": pixels, "image_grid_thw": torch.tensor(grids)}
+
+
+def build_tiny_qwen2_vl(seed: int = 0):
+    """A random Qwen2-VL-shaped model (full-attention tower, no windows), with :func:`qwen_inputs`' token ids."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, initializer_range=0.2, pad_token_id=PAD_ID,
+                bos_token_id=BOS_ID, eos_token_id=None, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  mlp_ratio=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision,
+                                                              **QWEN_IDS)).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD_ID, None
+    return model

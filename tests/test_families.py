@@ -406,6 +406,10 @@ def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
     patch_model(qwen_model, "svd", budget=4)
     with pytest.raises(NotImplementedError, match="video inputs"):
         _logits(qwen_model, xq | {"pixel_values_videos": torch.zeros(4, 1176), "video_grid_thw": torch.ones(1, 3)})
+    with torch.no_grad():
+        emb = qwen_model.get_input_embeddings()(xq["input_ids"])
+    with pytest.raises(ValueError, match="pruning needs input_ids"):
+        _logits(qwen_model, {k: v for k, v in xq.items() if k != "input_ids"} | {"inputs_embeds": emb})
     with pytest.raises(ValueError, match="needs mm_token_type_ids"):
         _logits(qwen_model, {k: v for k, v in xq.items() if k != "mm_token_type_ids"})
     wrong = dict(xq, input_ids=xq["input_ids"].clone())
@@ -506,3 +510,58 @@ def test_next_cls_attention_is_each_tiles_cls_row_packed(next_model):
         cand = [j for j in range(full[i].shape[0]) if not torch.equal(full[i][j], nl)]
         ref = torch.tensor(cand)[a[:, 0].topk(6).indices].sort().values
         assert torch.equal(kept[i], ref)
+
+
+def test_qwen2_vl_shares_the_adapter():
+    """Qwen2-VL (no windowed attention in its tower): keeping every token through the cut is the unpatched model,
+    its vision features are the merger's input, and a pruned batch equals its rows alone."""
+    from conftest import build_tiny_qwen2_vl
+
+    from svdprune_utils.hf.families import FAMILIES
+
+    model = build_tiny_qwen2_vl()
+    x = qwen_inputs(QWEN_ROWS)
+    ref = _logits(model, x)
+    out = _image_features(model, x)
+    fam = FAMILIES["qwen2_5_vl"]
+    feats = fam.features(model, x, out, fam.layout(model, x), None, list(out.pooler_output), "vision")
+    with torch.no_grad():
+        for f, p in zip(feats, out.pooler_output):
+            torch.testing.assert_close(model.model.visual.merger(f.reshape(-1, 32)), p, atol=1e-6, rtol=1e-5)
+    patch_model(model, "random", budget=1, kept=[torch.arange(p.shape[0]) for p in out.pooler_output])
+    real = x["attention_mask"].bool()
+    torch.testing.assert_close(_logits(model, x)[real], ref[real], atol=1e-5, rtol=1e-5)
+    patch_model(model, "svd", budget=5)
+    gen = _gen(model, x)
+    S = x["input_ids"].shape[1]
+    for b in range(2):
+        one = _row(x, b, IMAGES_OF_ROW[b])
+        assert torch.equal(gen[b, S:], _gen(model, one)[0, one["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_hand_written_decode_loop_equals_generate(request, family):
+    """prune_inputs, one forward on the cut prompt, then decode steps that pass only the new token and the grown
+    mask (no position_ids): the patch numbers them from the cache's record as generate does."""
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    patch_model(model, "svd", budget=5)
+    ref = _gen(model, x, n=4)
+    p = prune_inputs(model, **x)
+    mask = p.inputs["attention_mask"]
+    with torch.no_grad():
+        out = model(**p.inputs, use_cache=True)
+        toks = [out.logits[:, -1].argmax(-1)]
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            out = model(input_ids=toks[-1][:, None], attention_mask=mask, cache=out.cache, use_cache=True)
+            toks.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(toks, 1), ref[:, x["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_static_cache(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    patch_model(model, "svd", budget=5)
+    assert torch.equal(_gen(model, x, cache_implementation="static"), _gen(model, x))

@@ -44,9 +44,14 @@ def default_positions(method: str) -> str:
     return "original" if method in IN_LLM else "compact"
 
 
-def positions_of(state) -> str:
-    """The patch's ``positions`` knob, resolved (None: the method's own, :func:`default_positions`)."""
-    return state.positions if state.positions is not None else default_positions(state.method)
+def positions_of(state, fam=None) -> str:
+    """The patch's ``positions`` knob, resolved (None: the method's own, :func:`default_positions`, or the only
+    one a family supports: "original" for Qwen2.5-VL, ``fam``)."""
+    if state.positions is not None:
+        return state.positions
+    if fam is not None and len(fam.positions) == 1:
+        return fam.positions[0]
+    return default_positions(state.method)
 
 
 class CutRecord(NamedTuple):
@@ -307,7 +312,10 @@ def pad_id(model) -> int:
 @dataclass
 class _Reduced(BaseModelOutputWithPooling):
     """The kept tokens' features the patch hands the model (``mm_encoder_outputs["image"]``): marks inputs
-    already cut, which the patched forward inside ``generate`` passes on unchanged."""
+    already cut, which the patched forward passes on unchanged; ``record``: what a cache they fill remembers (so
+    that a hand-written loop on :func:`prune_inputs`' inputs continues it as ``generate`` would)."""
+
+    record: CutRecord | None = None
 
 
 def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
@@ -323,7 +331,7 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     img = image_token_mask(model, ids, embeds)
     cache = cache_of(kw)
     record = getattr(cache, CACHE_CUT, None) if past else None
-    positions = positions_of(state)
+    positions = positions_of(state, fam)
     if past and not has_images:
         img = _cached_images(img, record, past)
     if not bool(img.any()):
@@ -339,8 +347,10 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
         if record.prompt_positions is not None:
             cut["position_ids"] = _continued_rotary(record, index)
         return Pruned(inputs=cut, kept=None, index=index)
-    if not has_images or isinstance(mm.get("image"), _Reduced):  # our own cut inputs, inside generate
+    if not has_images:
         return None
+    if isinstance(mm.get("image"), _Reduced):  # inputs the patch cut (prune_inputs): mark the cache they fill
+        return None if past else Pruned(inputs=kw, kept=None, index=None, record=mm["image"].record)
     fam.check_call(model, kw, getattr(model.config, "vision_feature_select_strategy", None))
     lay = fam.layout(model, kw)
     if mm.get("image") is not None and kw.get("pixel_values") is None:
@@ -370,6 +380,7 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     seq = ids if ids is not None else embeds
     record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
                        tuple(len(k) for k in kept), rotary)
+    cut["mm_encoder_outputs"]["image"].record = record
     return Pruned(inputs=cut, kept=kept, index=index, record=record)
 
 
