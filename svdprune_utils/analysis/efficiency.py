@@ -331,23 +331,28 @@ def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repea
 
 
 def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv_layer: int = 2,
-                  overhead_budget: int = 64, progress: bool = True):
+                  overhead_budget: int = 64, progress: bool = True, selection_shape: tuple | None = None):
     """Measured prefill latency per (method, budget) next to the FLOPs model, as a DataFrame.
 
     ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). The
     configurations are timed in interleaved rounds — one warm-up round, then ``repeats`` rounds in which
-    every (method, budget) runs one prefill, patched with :func:`~svdprune_utils.hf.patch.patch_llava` and
+    every (method, budget) runs one prefill (as ``generate``'s: KV cache on, logits of the last position only),
+    patched with :func:`~svdprune_utils.hf.patch.patch_llava` and
     unpatched around it — so a slow drift of the machine (another process, clock changes) hits every
     configuration alike; each gets the median of its rounds (CUDA events on a GPU). Columns: method,
     budget (tokens kept), prefill_ms, latency_ratio (to the unpruned prefill), flops_ratio (decoder
     FLOPs, same ratio), speedup_vs_flops (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is
     fully realised), kv_cache_bytes (model dtype), selection_ms (selection alone at ``overhead_budget``,
     on the model's device) and selection_pct (of the pruned prefill at that budget).
+
+    Any family :func:`~svdprune_utils.hf.patch.patch_model` supports (LLaVA-1.5 as ``patch_llava``): N is the
+    prompt's placeholder count (LLaVA-NeXT: newlines included), and ``selection_shape`` (n, d) the features the
+    method scores for the selection columns (default: N × the tower's hidden size, LLaVA-1.5's).
     """
     import pandas as pd
     from tqdm import tqdm
 
-    from ..hf.patch import patch_llava, unpatch_llava
+    from ..hf.patch import patch_model, unpatch_model
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -364,11 +369,11 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     timed = jobs if base_job in jobs else jobs + [base_job]  # no unpruned run asked for: add one
 
     def once(method, budget):
-        patch_llava(model, method=method, budget=budget, fastv_layer=fastv_layer)
+        patch_model(model, method=method, budget=budget, fastv_layer=fastv_layer)
         try:
-            return time_call(lambda: model(**inputs, use_cache=True), device, 1, 0)[0]
+            return time_call(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, 1, 0)[0]
         finally:
-            unpatch_llava(model)
+            unpatch_model(model)
 
     times: dict = {j: [] for j in timed}
     with torch.inference_mode():
@@ -387,8 +392,8 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     df = pd.DataFrame(rows)
     df["latency_ratio"] = df["prefill_ms"] / (1e3 * base)
     df["speedup_vs_flops"] = df["flops_ratio"] / df["latency_ratio"]
-    d_vis = cfg.vision_config.hidden_size
-    sel = {m: 1e3 * selection_time(m, n_img, d_vis, overhead_budget, device, repeats) for m in methods}
+    n_sel, d_sel = selection_shape or (n_img, cfg.vision_config.hidden_size)
+    sel = {m: 1e3 * selection_time(m, n_sel, d_sel, overhead_budget, device, repeats) for m in methods}
     df["selection_ms"] = df["method"].map(sel)
     at = df[df["budget"] == min(overhead_budget, n_img)].set_index("method")["prefill_ms"]
     df["selection_pct"] = df["method"].map(lambda m: 100 * sel[m] / at.get(m, float("nan")))
