@@ -565,3 +565,57 @@ def test_static_cache(request, family):
     x = inputs()
     patch_model(model, "svd", budget=5)
     assert torch.equal(_gen(model, x, cache_implementation="static"), _gen(model, x))
+
+
+# ---------------------------------------------------------------- found by a fresh-eyes review of this code
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_continuing_a_cache_filled_with_several_return_sequences(request, family):
+    """generate repeats every prompt row before the cache fills (num_return_sequences): continuing that cache
+    cuts each repeated row's images as the prompt's were; each continued row equals its row run alone afresh."""
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    S = x["input_ids"].shape[1]
+    patch_model(model, "svd", budget=5)
+    special = torch.tensor([IMAGE_TOKEN_ID, *QWEN_IDS.values()])
+    for seed in range(20):  # a sample whose new tokens hold no image/vision id (a fresh run would read it as one)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            first = model.generate(**x, max_new_tokens=3, do_sample=True, num_return_sequences=2,
+                                   return_dict_in_generate=True)
+        if not torch.isin(first.sequences[:, S:], special).any():
+            break
+    with torch.no_grad():
+        mask = torch.cat([x["attention_mask"].repeat_interleave(2, 0), torch.ones(4, 3, dtype=torch.long)], 1)
+        cont = model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2,
+                              do_sample=False)
+    assert cont.shape == (4, S + 5) and torch.equal(cont[:, :S + 3], first.sequences)
+    for j in range(4):
+        b = j // 2
+        one = _row(x, b, IMAGES_OF_ROW[b])
+        new = first.sequences[j:j + 1, S:]
+        one["input_ids"] = torch.cat([one["input_ids"], new], 1)
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        if "mm_token_type_ids" in one:
+            one["mm_token_type_ids"] = torch.cat([one["mm_token_type_ids"], torch.zeros_like(new)], 1)
+        assert torch.equal(cont[j, S + 3:], _gen(model, one, n=2)[0, -2:])
+
+
+def test_next_tile_budget_covering_every_tile_is_the_unpatched_model(next_model):
+    x = next_inputs(next_model, NEXT_ROWS)
+    ref = _logits(next_model, x)
+    patch_model(next_model, "svd", budget=16, scope="tile")  # 16 = a tile's patches (56 px, patch 14)
+    assert torch.equal(_logits(next_model, x), ref)
+    patch_model(next_model, "svd", budget=15, scope="tile")
+    assert _logits(next_model, x).shape[1] < ref.shape[1]
+
+
+def test_qwen_with_the_callers_own_position_ids(qwen_model):
+    """A caller passing the full prompt's 3-D positions (get_rope_index's) gets what the patch computes itself."""
+    x = qwen_inputs(QWEN_ROWS)
+    pos, _ = qwen_model.model.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+                                             image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
+    patch_model(qwen_model, "svd", budget=5)
+    ref = _logits(qwen_model, x)
+    assert torch.equal(_logits(qwen_model, dict(x, position_ids=pos)), ref)
+    with pytest.raises(ValueError, match="position_ids must be"):
+        _logits(qwen_model, dict(x, position_ids=pos[None]))

@@ -231,7 +231,17 @@ class Qwen25VL:
         return list(grouped.split(layout.counts))
 
     def full_positions(self, model, kw):
-        """(3, B, S) rotary positions of the full prompt, by the model's own ``get_rope_index``."""
+        """(3, B, S) rotary positions of the full prompt: the caller's ``position_ids`` when given ((3 or 4, B, S):
+        the last three rows; (B, S): the same on all three, as the model reads them), else the model's own
+        ``get_rope_index``."""
+        given = kw.get("position_ids")
+        if given is not None:
+            if given.ndim == 3 and given.shape[0] in (3, 4):
+                return given[-3:]
+            if given.ndim == 2:
+                return given[None].expand(3, -1, -1)
+            raise ValueError(f"Qwen2.5-VL position_ids must be (B, S), (3, B, S) or (4, B, S), got "
+                             f"{tuple(given.shape)}")
         ids = kw.get("input_ids")
         if ids is None:
             raise ValueError("Qwen2.5-VL: pruning needs input_ids (the 3-D positions are computed from them)")

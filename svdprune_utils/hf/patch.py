@@ -228,9 +228,11 @@ def prune_inputs(model, **inputs) -> Pruned:
     hand-written loop: ``p = prune_inputs(model, **inputs)``, then ``model(**p.inputs, use_cache=True)``
     and decode steps that grow ``p.inputs["attention_mask"]`` by one column each. Works for pre-LLM
     methods (FastV prunes inside the LLM: give its forward the caller's inputs). ``p.kept``: the selection.
-    With ``positions="original"``, ``p.inputs["position_ids"]`` holds the kept tokens' original positions: a
-    hand-written loop passes ``position_ids=p.inputs["position_ids"][:, -1:] + 1 + step`` at decode step
-    ``step`` (0, 1, ...), as ``generate`` does (the model would otherwise count the cache's pruned length)."""
+    With ``positions="original"``, ``p.inputs["position_ids"]`` holds the kept tokens' original positions ((B, L);
+    Qwen: (3, B, L)). A hand-written loop either passes only the new token and the grown mask — the patched forward
+    numbers it from the record the prompt left on the cache — or its own
+    ``position_ids=p.inputs["position_ids"][..., -1:] + 1 + step`` at decode step ``step`` (0, 1, ...) on
+    left-padded rows, as ``generate`` does (the model would otherwise count the cache's pruned length)."""
     state = model.__dict__.get("svdprune")
     if state is None:
         raise ValueError("prune_inputs needs a model patched with patch_llava (it reads model.svdprune)")

@@ -62,7 +62,7 @@ class CutRecord(NamedTuple):
     first token after the prompt in each row (the last prompt column's position + 1, generate's own rule), None
     for "compact". LLaVA-NeXT and Qwen2.5-VL (images of different lengths): counts, the placeholders of each
     image, and kept_counts, the tokens each kept; prompt_positions: Qwen's (3, B, L) rotary positions of the
-    pruned prompt."""
+    pruned prompt; row_images: the images of each prompt row."""
 
     k: int
     prompt_len: int
@@ -72,6 +72,7 @@ class CutRecord(NamedTuple):
     counts: tuple | None = None
     kept_counts: tuple | None = None
     prompt_positions: torch.Tensor | None = None
+    row_images: tuple | None = None
 
 
 @dataclass
@@ -340,8 +341,9 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
         if record is None:
             return None
         _check_continuation(record, state, positions, state.budget)
-        kept = [torch.arange(k) for k in record.kept_counts]  # which ones is moot: only the uncached tail is used
-        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=list(record.counts), positions=positions,
+        counts, kept_counts = _expanded(record, img.shape[0])
+        kept = [torch.arange(k) for k in kept_counts]  # which ones is moot: only the uncached tail is used
+        cut = keep_image_tokens(kw, kept, image_mask=img, tokens_per_image=counts, positions=positions,
                                 pad_token_id=pad_id(model))
         index = cut.pop("index")
         if record.prompt_positions is not None:
@@ -351,12 +353,13 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
         return None
     if isinstance(mm.get("image"), _Reduced):  # inputs the patch cut (prune_inputs): mark the cache they fill
         return None if past else Pruned(inputs=kw, kept=None, index=None, record=mm["image"].record)
-    fam.check_call(model, kw, getattr(model.config, "vision_feature_select_strategy", None))
+    fam.check_call(model, kw, kw.get("vision_feature_select_strategy")
+                   or getattr(model.config, "vision_feature_select_strategy", None))
     lay = fam.layout(model, kw)
     if mm.get("image") is not None and kw.get("pixel_values") is None:
         if [int(p.shape[0]) for p in mm["image"].pooler_output] != lay.counts:
             return None  # already reduced (the user's own selection)
-    if state.kept is None and all(kept_count(state.budget, len(c)) >= len(c) for c in lay.candidates):  # unpatched
+    if state.kept is None and all(_whole(state, lay, i) for i in range(len(lay.counts))):  # the unpatched run
         state.kept_indices = [torch.arange(n) for n in lay.counts]
         return None
     if past:
@@ -364,24 +367,44 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
                                   "generate again from the whole conversation")
     kept, feats = _family_select(model, state, kw, img, fam, lay)
     state.kept_indices = kept
-    cut = keep_image_tokens({k: v for k, v in kw.items() if k != "pixel_values"}, kept, image_mask=img,
+    full = fam.full_positions(model, kw)  # Qwen: (3, B, S); the cut gathers them below
+    drop = ("pixel_values",) if full is None else ("pixel_values", "position_ids")
+    cut = keep_image_tokens({k: v for k, v in kw.items() if k not in drop}, kept, image_mask=img,
                             tokens_per_image=lay.counts, positions=positions, pad_token_id=pad_id(model))
     cut["mm_encoder_outputs"] = {**mm, "image": _Reduced(pooler_output=feats)}
     index = cut.pop("index")
     state._last_index = index
-    full = fam.full_positions(model, kw)
     rotary = None
     if full is not None:  # the kept columns' own rotary positions, never recomputed for the cut grid
         rotary = full.gather(2, index.clamp_min(0).to(full.device)[None].expand(full.shape[0], -1, -1))
         cut["position_ids"] = rotary = rotary.masked_fill((index < 0).to(full.device)[None], 0)
-        nxt = rotary[0, :, -1] + 1  # the last column is text: its three positions are equal
+    if positions == "original":  # the row's largest position + 1 (Qwen's rope rule; the last real column)
+        pos = cut["position_ids"] if rotary is None else rotary.amax(0)
+        nxt = pos.masked_fill((index < 0).to(pos.device), -1).amax(-1) + 1
     else:
-        nxt = cut["position_ids"][:, -1] + 1 if positions == "original" else None
+        nxt = None
     seq = ids if ids is not None else embeds
+    row_images = tuple(int(n) for n in _row_image_counts(img, lay.counts))
     record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
-                       tuple(len(k) for k in kept), rotary)
+                       tuple(len(k) for k in kept), rotary, row_images)
     cut["mm_encoder_outputs"]["image"].record = record
     return Pruned(inputs=cut, kept=kept, index=index, record=record)
+
+
+def _row_image_counts(img: torch.Tensor, counts: list) -> list:
+    return [len(r) for r in image_runs(img, counts)]
+
+
+def _expanded(record: CutRecord, rows: int) -> tuple[list, list]:
+    """The record's per-image counts and kept counts for ``rows`` rows: generate repeats every prompt row
+    (num_return_sequences, beams) before the cache fills, so a continuation holds each row's images that often."""
+    per_row, i = [], 0
+    for n in record.row_images:
+        per_row.append(range(i, i + n))
+        i += n
+    reps = max(rows // len(per_row), 1)
+    order = [j for r in per_row for _ in range(reps) for j in r]
+    return [record.counts[j] for j in order], [record.kept_counts[j] for j in order]
 
 
 def kept_count(budget, n: int) -> int:
@@ -440,7 +463,7 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
     rows = [b for b, r in enumerate(runs) for _ in r]
     kept_all, out_feats = [], []
     for i, cand in enumerate(lay.candidates):
-        if kept_count(state.budget, len(cand)) >= len(cand):  # this image whole, newlines included
+        if _whole(state, lay, i):  # this image whole, newlines included
             kept_all.append(torch.arange(lay.counts[i]))
             out_feats.append(proj[i])
             continue
@@ -464,16 +487,27 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
     return kept_all, out_feats
 
 
+def _groups(state, lay, i: int) -> list:
+    """The candidate groups of image ``i`` that each get the budget: the whole image, or (``scope="tile"``) each
+    of its tiles."""
+    if getattr(state, "scope", "image") == "tile":
+        tiles = lay.tiles[i]
+        return [(tiles == t).nonzero().flatten() for t in torch.unique(tiles)]
+    return [torch.arange(len(lay.candidates[i]))]
+
+
+def _whole(state, lay, i: int) -> bool:
+    """Whether image ``i`` keeps every token (each group's budget covers it): it then enters whole, newlines
+    included, as unpatched."""
+    return all(kept_count(state.budget, len(g)) >= len(g) for g in _groups(state, lay, i))
+
+
 def _reduce_image(state, fam, lay, i: int, feats: torch.Tensor, signals: dict):
     """One image's reduction over its candidates, per image or per tile (``state.scope``): kept offsets into its
     placeholder run (ascending) and, for a merging method, their merged features (in that order)."""
     cand = lay.candidates[i]
     grid = lay.grids[i]
-    if getattr(state, "scope", "image") == "tile":
-        tiles = lay.tiles[i]
-        groups = [(tiles == t).nonzero().flatten() for t in torch.unique(tiles)]
-    else:
-        groups = [torch.arange(len(cand))]
+    groups = _groups(state, lay, i)
     if state.method == "uniform" and (grid is None or len(groups) > 1):
         raise ValueError(f"uniform spreads its tokens over one patch grid; the {fam.name} candidates of an image do "
                          "not form one (base tile + unpadded tile grid): use another method")
