@@ -617,5 +617,7 @@ def test_qwen_with_the_callers_own_position_ids(qwen_model):
     patch_model(qwen_model, "svd", budget=5)
     ref = _logits(qwen_model, x)
     assert torch.equal(_logits(qwen_model, dict(x, position_ids=pos)), ref)
+    text = (x["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # generate's 4-row form: text positions first
+    assert torch.equal(_logits(qwen_model, dict(x, position_ids=torch.cat([text[None], pos]))), ref)
     with pytest.raises(ValueError, match="position_ids must be"):
         _logits(qwen_model, dict(x, position_ids=pos[None]))
