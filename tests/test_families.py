@@ -381,9 +381,8 @@ def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
         with pytest.raises(ValueError, match="has no CLS token"):
             _logits(qwen_model, xq)
     for model in (next_model, qwen_model):
-        for method in ("fastv", "sparsevlm"):
-            with pytest.raises(NotImplementedError, match="not supported for"):
-                patch_model(model, method, budget=4)
+        with pytest.raises(NotImplementedError, match="sparsevlm is not supported for"):
+            patch_model(model, "sparsevlm", budget=4)
     with pytest.raises(ValueError, match="positions in \\('original',\\)"):
         patch_model(qwen_model, "svd", budget=4, positions="compact")
     with pytest.raises(ValueError, match="LLaVA-NeXT's knobs"):
@@ -478,6 +477,11 @@ def test_a_budget_ratio_keeps_a_share_of_each_image(qwen_model, next_model):
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="ratio of each image's tokens in \\(0, 1\\]"):
             patch_model(qwen_model, "svd", budget=bad)
+    one = qwen_inputs([(3, [(8, 12)], 4)])
+    patch_model(qwen_model, "fastv", budget=0.25, fastv_layer=1)
+    with torch.no_grad():
+        qwen_model(**one)
+    assert [len(k) for k in qwen_model.svdprune.kept_indices] == [6]  # FastV's cut: ceil(0.25 × 24)
     xn = next_inputs(next_model, [(3, [(100, 60)], 4)])
     patch_model(next_model, "svd", budget=0.1)
     n_patches = 16 + sum(1 for v in _image_features(next_model, xn).pooler_output[0][16:]
@@ -621,3 +625,96 @@ def test_qwen_with_the_callers_own_position_ids(qwen_model):
     assert torch.equal(_logits(qwen_model, dict(x, position_ids=torch.cat([text[None], pos]))), ref)
     with pytest.raises(ValueError, match="position_ids must be"):
         _logits(qwen_model, dict(x, position_ids=pos[None]))
+
+
+
+# ------------------------------------------------------------------------------------ FastV, inside the LLM
+FASTV_ROWS = {"next": [(3, [(100, 60)], 4), (6, [(100, 60)], 2)], "qwen": [(3, [(8, 12)], 4), (6, [(8, 12)], 2)]}
+
+
+def _last_token_attention(model, x, layer):
+    """(B, S): the attention of each row's last token at decoder layer ``layer``, heads averaged, read from the
+    unpatched model's eager attention weights (output_attentions) on a deep copy."""
+    twin = copy.deepcopy(model)
+    unpatch_model(twin)
+    twin.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = twin(**x, output_attentions=True).attentions[layer]
+    return att[:, :, -1].mean(1)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_fastv_on_other_families_equals_a_hand_built_run(request, family):
+    """FastV at layer K: each image keeps the `budget` placeholders its row's last token attends to most at layer
+    K−1 (eager weights, heads averaged); layers >= K run on the kept rows at their ORIGINAL positions (Qwen: the
+    full prompt's 3-D positions), causal among themselves, padding masked — rebuilt with the model's own layers."""
+    model, inputs, image_id = _family(request, family)
+    x = inputs(FASTV_ROWS[family])
+    K, budget = 1, 5
+    lm = model.model.language_model
+    box = []
+    h = lm.layers[K].register_forward_pre_hook(lambda m, a, k: box.append(a[0] if a else k["hidden_states"]),
+                                               with_kwargs=True)
+    with torch.no_grad():
+        model(**x)
+    h.remove()
+    att = _last_token_attention(model, x, K - 1)
+    patch_model(model, "fastv", budget=budget, fastv_layer=K)
+    with torch.no_grad():
+        got = model(**x).logits
+    kept = model.svdprune.kept_indices
+    img = x["input_ids"] == image_id
+    rows = []
+    for b in range(2):
+        run = img[b].nonzero().flatten()
+        ref_kept = att[b, run].topk(budget).indices.sort().values
+        assert torch.equal(kept[b], ref_kept)
+        rows.append(torch.cat([(~img[b]).nonzero().flatten(), run[ref_kept]]).sort().values)
+    rows = torch.stack(rows)
+    hid = box[0].gather(1, rows[..., None].expand(-1, -1, box[0].shape[-1]))
+    real = x["attention_mask"].gather(1, rows).bool()
+    allowed = (rows[:, None, :] <= rows[:, :, None]) & real[:, None, :]
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    if family == "qwen":
+        full, _ = model.model.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+                                             image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
+        pos = full.gather(2, rows[None].expand(3, -1, -1))
+        pe, pid = lm.rotary_emb(hid, pos), None
+    else:
+        pos = (x["attention_mask"].cumsum(-1) - 1).clamp_min(0).gather(1, rows)
+        pe, pid = lm.rotary_emb(hid, pos), pos
+    with torch.no_grad():
+        for layer in lm.layers[K:]:
+            hid = layer(hid, attention_mask=mask, position_ids=pid, position_embeddings=pe)
+            hid = hid[0] if isinstance(hid, tuple) else hid
+        ref = model.lm_head(lm.norm(hid))
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_fastv_on_other_families_keeps_the_generate_contract(request, family):
+    model, inputs, _ = _family(request, family)
+    x = inputs(FASTV_ROWS[family])
+    S = x["input_ids"].shape[1]
+    ref = _gen(model, x)
+    patch_model(model, "fastv", budget=10_000, fastv_layer=1)
+    assert torch.equal(_gen(model, x), ref)
+    patch_model(model, "fastv", budget=5, fastv_layer=1)
+    gen = _gen(model, x, n=5)
+    assert torch.equal(gen, _gen(model, x, n=5, use_cache=False))
+    for b in range(2):  # a batch (same image layout per row, different padding) = each row alone
+        one = _row(x, b, [b])
+        assert torch.equal(gen[b, S:], _gen(model, one, n=5)[0, one["input_ids"].shape[1]:])
+    first = _gen(model, x, n=2, return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        cont = model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=3,
+                              do_sample=False)
+    assert torch.equal(cont, gen)
+    kept = [k.clone() for k in model.svdprune.kept_indices]
+    patch_model(model, "fastv", budget=5, fastv_layer=1, kept=kept)  # a stored selection replays exactly
+    assert torch.equal(_gen(model, x, n=5), gen)
+    patch_model(model, "fastv", budget=5, fastv_layer=1)
+    with pytest.raises(NotImplementedError, match="rows keep .* tokens after the cut"):
+        _logits(model, inputs())  # rows whose images differ in number and length

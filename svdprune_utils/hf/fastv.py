@@ -20,6 +20,11 @@ with kwargs on the decoder layers; no transformers code is replaced.
   for the full length by layer 0's cache) keeps the kept prompt columns and every generated column.
   Gathering columns by index (never slicing the first ones) keeps left padding right.
 
+LLaVA-NeXT and Qwen2.5-VL (``patch_model``; FastV only): images differ in length, so each image keeps its
+``budget`` placeholders (LLaVA-NeXT's newline tokens are image tokens to the LLM and compete like the others) by the
+same attention; the rows must keep the same number of tokens after the cut (else NotImplementedError); Qwen's
+kept tokens keep their 3-D rotary positions like every token (the cos/sin the layers receive are gathered).
+
 SparseVLM (:mod:`.sparsevlm` holds its rules) runs on the same mechanism with several cuts: the layers of its
 schedule (``Schedule.cuts``) each drop image tokens of the previous stage, scored by the attention its text raters
 (chosen at layer 0 from the input embeddings) pay at the layer before the cut, gravity-corrected, over its selected
@@ -125,9 +130,49 @@ def _raters(state, call: FastVCall, hidden: torch.Tensor) -> None:
     call.raters = out
 
 
+def _select_varlen(state, call: FastVCall, hidden, layer_idx: int) -> None:
+    """FastV's cut for images of different lengths (LLaVA-NeXT, Qwen2.5-VL; ``state._n``: the placeholders of each
+    image): each image keeps its ``budget`` placeholders (newlines included: they are image tokens to the LLM)
+    most attended by its row's last real token at the layer before, heads averaged (or a stored selection)."""
+    from .inputs import image_runs
+    from .prune import kept_count
+
+    B = hidden.shape[0]
+    runs = image_runs(call.image_mask, state._n)
+    score = None if state.kept is not None else call.probs.mean(1)[:, 0]  # (B, S)
+    kept_all, stage, i = [], [], 0
+    for b in range(B):
+        keep = [(~call.image_mask[b]).nonzero().flatten()]
+        for run in runs[b]:
+            if state.kept is not None:
+                if i >= len(state.kept):
+                    raise ValueError(f"the stored selection (kept) holds {len(state.kept)} images, this call more")
+                idx = torch.as_tensor(state.kept[i]).long().to(run.device)
+                if int(idx.max()) >= len(run):
+                    raise ValueError(f"kept[{i}] must be strictly ascending indices in [0, {len(run)})")
+            else:
+                att = score[b, run.to(score.device)][None]
+                k = min(kept_count(call.counts[0], len(run)), len(run))  # an int budget, or a ratio
+                idx = select_tokens(hidden[b, run][None], k, method="fastv", attention=att)[0].to(run.device)
+            keep.append(run[idx])
+            kept_all.append(idx)
+            i += 1
+        stage.append(torch.cat(keep).sort().values)
+    if state.kept is not None and i != len(state.kept):
+        raise ValueError(f"the stored selection (kept) holds {len(state.kept)} images, this call {i}")
+    if len({len(r) for r in stage}) > 1:
+        raise NotImplementedError(f"fastv: the rows keep {[len(r) for r in stage]} tokens after the cut (their "
+                                  "images differ in number or length): run them one by one")
+    call.stages.append((layer_idx, torch.stack(stage)))
+    call.P, call.chosen, call.probs, call.pe = call.image_mask.shape[1], True, None, None
+    state.kept_indices = kept_all
+
+
 def _select(state, call: FastVCall, hidden, layer_idx: int) -> None:
     """At cut ``layer_idx`` of a prompt call: choose each image's kept tokens among its current ones (from the
     attention the probe read at the layer before, or a stored selection) and append the stage's kept rows."""
+    if isinstance(state._n, list):
+        return _select_varlen(state, call, hidden, layer_idx)
     s = len(call.stages)
     B, _, D = hidden.shape
     G, img_pos = _images(state, call)
@@ -245,10 +290,27 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
     return args, kwargs
 
 
+def _image_counts(model, kw: dict, past: int, stored):
+    """N for LLaVA-1.5; for a family whose images differ in length the placeholders of each of the call's images
+    (from the pre-encoded image outputs inside ``generate``, else from the family's layout), [] without images."""
+    from .families import family_of
+
+    fam = family_of(model)
+    if fam is None:
+        return tokens_per_image(model, kw.get("vision_feature_select_strategy"))
+    mm = kw.get("mm_encoder_outputs") or {}
+    if past or (kw.get("pixel_values") is None and mm.get("image") is None):
+        return []
+    if mm.get("image") is not None:
+        return [int(p.shape[0]) for p in mm["image"].pooler_output]
+    fam.check_call(model, kw, kw.get("vision_feature_select_strategy")
+                   or getattr(model.config, "vision_feature_select_strategy", None))
+    return fam.layout(model, kw).counts
+
+
 def fastv_forward(model, state, orig, kw: dict):
     """The patched ``forward`` for the in-LLM methods "fastv" and "sparsevlm" (called by :mod:`.patch` with the
     bound arguments)."""
-    n = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     seq = ids if ids is not None else embeds
     mask = None if seq is None else image_token_mask(model, ids, embeds)
@@ -262,7 +324,15 @@ def fastv_forward(model, state, orig, kw: dict):
         raise ValueError(f"this cache was built by {stored[2]} at budget {stored[3]}; the patch is now "
                          f"{state.method} at budget {state.budget}: continue it with the method and budget it was "
                          "built with")
-    if state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
+    n = _image_counts(model, kw, past, stored)  # N, or (LLaVA-NeXT, Qwen) the placeholders of each image
+    if isinstance(n, list):
+        from .prune import kept_count
+
+        if state.kept is None and stored is None and (not n or all(kept_count(state.budget, c) >= c for c in n)):
+            if n:
+                state.kept_indices = [torch.arange(c) for c in n]
+            return orig(**kw)
+    elif state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
         if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
             state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
         return orig(**kw)

@@ -150,9 +150,10 @@ def _check(model, state: PruneState) -> None:
 def _check_family(model, state: PruneState, fam) -> None:
     """The knobs of a LLaVA-NeXT or Qwen2.5-VL patch (images of different lengths)."""
     name = type(model).__name__
-    if state.method in IN_LLM:
-        raise NotImplementedError(f"{state.method} prunes inside the LLM and is not supported for {name} yet "
-                                  "(README, supported models): use a pre-LLM method")
+    if state.method == "sparsevlm":
+        raise NotImplementedError(f"sparsevlm is not supported for {name} yet (its schedule and RoPE gravity follow "
+                                  "LLaVA-1.5's one image of 576 tokens; README, supported models): use fastv or a "
+                                  "pre-LLM method")
     if state.positions is not None and state.positions not in fam.positions:
         raise ValueError(f"{name} supports positions in {fam.positions} (Qwen: the kept tokens keep their 3-D "
                          f"rotary positions), got {state.positions!r}")
@@ -301,7 +302,8 @@ def _generate(self, *args, **kwargs):
     gc = kw.get("generation_config") or self.generation_config
     cache = cache_of(kw)
     if state.method in IN_LLM:
-        n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy"))
+        n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy")) if family_of(self) is None \
+            else float("inf")  # images of different lengths: counted per call inside the forward
         prunes = state.budget < n_full or state.kept is not None or getattr(cache, CACHE_FASTV, None) is not None
         if prunes and (kw.get("prompt_lookup_num_tokens") or getattr(gc, "prompt_lookup_num_tokens", None)
                        or kw.get("assistant_model") is not None):
@@ -427,8 +429,11 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     ``feature="vision"`` scores the tower's last block output (the four patches of each merged token
     concatenated), ``"projected"`` the merger's output. The tower has no CLS token: cls_attention, vispruner
     and visionzip raise ValueError at the call.
-    For both: FastV and SparseVLM (inside the LLM) are not supported yet (NotImplementedError); ``kept`` and
-    ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of offsets per image; videos are refused.
+    For both: FastV cuts inside the LLM as on LLaVA-1.5 (each image keeps the ``budget`` placeholders, LLaVA-NeXT's
+    newlines included, most attended by its row's last token at layer K−1; a batch whose rows would keep different
+    numbers of tokens raises NotImplementedError: run them one by one); SparseVLM is not supported yet
+    (NotImplementedError); ``kept`` and ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of
+    offsets per image; videos are refused.
     Rules and layouts: :mod:`svdprune_utils.hf.families`.
     """
     if family_name(model) is None:
