@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from svdprune_utils.analysis.efficiency import prefill_table
+from svdprune_utils.analysis.efficiency import device_name, prefill_table, report_table
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     df = prefill_table(model, inputs, args.methods.split(","), budgets + [n_img], repeats=args.repeats,
                        overhead_budget=args.overhead_budget, selection_shape=shape)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     cut = ", ".join(f"first {n} {what} layers" for n, what in ((args.text_layers, "decoder"),
                                                                (args.vision_layers, "vision")) if n)
     header = (f"device: {name}; model: {args.config} (random weights{', ' + cut if cut else ''}); image {args.image}: "
@@ -147,12 +147,7 @@ def main(argv=None) -> int:
               f"torch {torch.__version__}\n\n")
     if torch.cuda.is_available() and device.type == "cuda":
         header += f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB\n\n"
-    table = header + df.to_markdown(index=False, floatfmt=".3f")
-    print(table)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.write_text(table + "\n")
-        df.to_csv(out.with_suffix(".csv"), index=False)
+    report_table(df, header, args.out)
     return 0
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from svdprune_utils.analysis.efficiency import prefill_table
+from svdprune_utils.analysis.efficiency import device_name, prefill_table, report_table
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,17 +105,10 @@ def main(argv=None) -> int:
     if args.text_layers is not None and not args.random_weights:
         p.error("--text-layers truncates a --random-weights model; it cannot apply to --model")
     df = run(args)
-    device = auto_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     model_name = args.model or args.config + " (random weights" + (
         f", first {args.text_layers} decoder layers)" if args.text_layers else ")")
-    header = f"device: {name}; model: {model_name}; torch {torch.__version__}\n\n"
-    table = header + df.to_markdown(index=False, floatfmt=".3f")
-    print(table)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.write_text(table + "\n")
-        df.to_csv(out.with_suffix(".csv"), index=False)
+    header = f"device: {device_name(auto_device(args.device))}; model: {model_name}; torch {torch.__version__}\n\n"
+    report_table(df, header, args.out)
     return 0
 
 

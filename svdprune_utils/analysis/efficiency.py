@@ -398,3 +398,22 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     at = df[df["budget"] == min(overhead_budget, n_img)].set_index("method")["prefill_ms"]
     df["selection_pct"] = df["method"].map(lambda m: 100 * sel[m] / at.get(m, float("nan")))
     return df
+
+
+def device_name(device) -> str:
+    """A benchmark table's device line: the CUDA device's name, or the CPU with its thread count."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def report_table(df, header: str, out=None) -> str:
+    """Print ``header`` and ``df`` as a markdown table; with ``out``, also write it there and the CSV beside it."""
+    from pathlib import Path
+
+    table = header + df.to_markdown(index=False, floatfmt=".3f")
+    print(table)
+    if out:
+        out = Path(out)
+        out.write_text(table + "\n")
+        df.to_csv(out.with_suffix(".csv"), index=False)
+    return table

@@ -425,7 +425,8 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     ``vision_feature_layer`` patch features of every tile, ``"projected"`` the packed LLM inputs.
     ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``: budget = merged tokens kept per
     image.
-    For both, a float budget in (0, 1] is a ratio: each image (or tile) keeps ceil(ratio × its tokens). Qwen: the kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
+    For both, a float budget in (0, 1] is a ratio: each image (or tile) keeps ceil(ratio × its tokens). Qwen: the
+    kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
     ``feature="vision"`` scores the tower's last block output (the four patches of each merged token
     concatenated), ``"projected"`` the merger's output. The tower has no CLS token: cls_attention, vispruner
     and visionzip raise ValueError at the call.

@@ -228,14 +228,10 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     if fam is not None:
         return _family_call(model, state, kw, past, fam)
     N = tokens_per_image(model, kw.get("vision_feature_select_strategy"))
-    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    if ids is None and embeds is None:
+    view = _view(model, kw, past)
+    if view is None:
         return None
-    mm = kw.get("mm_encoder_outputs") or {}
-    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
-    img = image_token_mask(model, ids, embeds)
-    cache = cache_of(kw)
-    record = getattr(cache, CACHE_CUT, None) if past else None
+    ids, embeds, mm, has_images, img, cache, record = view
     cache_k, prompt_len = (record.k, record.prompt_len) if record is not None else (None, 0)
     positions = positions_of(state)
     if past and getattr(cache, CACHE_FASTV, None) is not None:
@@ -281,6 +277,19 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=record)
 
 
+def _view(model, kw: dict, past: int):
+    """What one call brings: (input_ids, inputs_embeds, mm_encoder_outputs, has_images, placeholder mask (B, S),
+    cache, its CutRecord when continuing one), or None for a call without a sequence."""
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if ids is None and embeds is None:
+        return None
+    mm = kw.get("mm_encoder_outputs") or {}
+    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
+    cache = cache_of(kw)
+    record = getattr(cache, CACHE_CUT, None) if past else None
+    return ids, embeds, mm, has_images, image_token_mask(model, ids, embeds), cache, record
+
+
 def _cached_images(img: torch.Tensor, record, past: int) -> torch.Tensor:
     """Continuing a cache: only the cached prompt's image runs are images; later placeholder ids are text."""
     img = img.clone()
@@ -322,16 +331,10 @@ class _Reduced(BaseModelOutputWithPooling):
 def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     """:func:`prune_call` for a family whose images differ in length (``fam``: its adapter). Inside the patched
     ``generate`` the inputs are already cut (or have nothing to cut): the forwards pass them on."""
-    if state._in_generate:
+    view = None if state._in_generate else _view(model, kw, past)
+    if view is None:
         return None
-    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    if ids is None and embeds is None:
-        return None
-    mm = kw.get("mm_encoder_outputs") or {}
-    has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
-    img = image_token_mask(model, ids, embeds)
-    cache = cache_of(kw)
-    record = getattr(cache, CACHE_CUT, None) if past else None
+    ids, embeds, mm, has_images, img, cache, record = view
     positions = positions_of(state, fam)
     if past and not has_images:
         img = _cached_images(img, record, past)
