@@ -138,28 +138,16 @@ def cache_of(kw):
 def _vision_signals(model, state, kw, box):
     """Run the tower once: (full image outputs, projected features (list), features to score, their space).
     For the methods of ``signals.CLS_HEADS`` the tower's CLS attention (and keys) are recorded in ``box``."""
-    from .attention import vision_cls_attention
-
     layer = feature_layer(model, kw.get("vision_feature_layer"))
     strat = strategy(model, kw.get("vision_feature_select_strategy"))
     mm = kw.get("mm_encoder_outputs") or {}
-    wants_cls = state.method in CLS_HEADS and state.kept is None
-    if mm.get("image") is not None:
-        if wants_cls:
-            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
-                             "mm_encoder_outputs do not carry: pass pixel_values")
-        out = mm["image"]
-    else:
-        if wants_cls and not has_cls(model):
-            tower = type(model.model.vision_tower).__name__
-            raise ValueError(f"{state.method} needs a vision tower with a CLS token (its CLS→patch attention); "
-                             f"{tower} has none")
-        keys = state.method in NEEDS_KEYS
-        with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
-            out = model.model.get_image_features(
-                pixel_values=kw["pixel_values"], vision_feature_layer=layer,
-                vision_feature_select_strategy=strat, image_sizes=kw.get("image_sizes"), return_dict=True)
-        box.update(cls)
+    if state.method in CLS_HEADS and state.kept is None and mm.get("image") is None and not has_cls(model):
+        tower = type(model.model.vision_tower).__name__
+        raise ValueError(f"{state.method} needs a vision tower with a CLS token (its CLS→patch attention); "
+                         f"{tower} has none")
+    out = _image_outputs(model, state, kw, layer, box, lambda: model.model.get_image_features(
+        pixel_values=kw["pixel_values"], vision_feature_layer=layer, vision_feature_select_strategy=strat,
+        image_sizes=kw.get("image_sizes"), return_dict=True))
     proj = list(out.pooler_output)
     if state.kept is not None:
         return out, proj, None, None
@@ -171,6 +159,26 @@ def _vision_signals(model, state, kw, box):
                          "pass pixel_values, or feature='projected'")
     sel = [hs[i] for i in ([layer] if isinstance(layer, int) else layer)]
     return out, proj, torch.cat([h[:, 1:] if strat == "default" else h for h in sel], dim=-1), "vision"
+
+
+def _image_outputs(model, state, kw: dict, layer, box: dict, encode):
+    """The call's image outputs: the caller's precomputed ``mm_encoder_outputs``, or ``encode()`` (the tower and
+    projector, run once) with the feature layer's CLS attention (and keys) recorded in ``box`` for the methods of
+    ``signals.CLS_HEADS``."""
+    from .attention import vision_cls_attention
+
+    mm = kw.get("mm_encoder_outputs") or {}
+    wants_cls = state.method in CLS_HEADS and state.kept is None
+    if mm.get("image") is not None:
+        if wants_cls:
+            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
+                             "mm_encoder_outputs do not carry: pass pixel_values")
+        return mm["image"]
+    keys = state.method in NEEDS_KEYS
+    with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
+        out = encode()
+    box.update(cls)
+    return out
 
 
 def merged_to_llm(model, features: torch.Tensor, space: str) -> torch.Tensor:
@@ -428,25 +436,12 @@ def _continued_rotary(record: CutRecord, index: torch.Tensor) -> torch.Tensor:
 
 def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
     """Per image: kept offsets into its placeholder run (ascending) and the features the LLM receives there."""
-    from .attention import vision_cls_attention
-
-    mm = kw.get("mm_encoder_outputs") or {}
-    wants_cls = state.method in CLS_HEADS and state.kept is None
-    if wants_cls and not fam.has_cls:
+    if state.method in CLS_HEADS and state.kept is None and not fam.has_cls:
         raise ValueError(f"{state.method} needs the vision tower's CLS attention; {type(model).__name__}'s tower "
                          "has no CLS token: use a method that does not read it (svd, divprune, cdpruner, ...)")
     layer = feature_layer(model, kw.get("vision_feature_layer")) if fam.has_cls else None
     box = {}
-    if mm.get("image") is not None:
-        if wants_cls:
-            raise ValueError(f"{state.method} needs the vision tower's CLS attention, which precomputed "
-                             "mm_encoder_outputs do not carry: pass pixel_values")
-        out = mm["image"]
-    else:
-        keys = state.method in NEEDS_KEYS
-        with vision_cls_attention(model, layer, keys=keys) if wants_cls else contextlib.nullcontext({}) as cls:
-            out = fam.encode(model, kw, layer)
-        box.update(cls)
+    out = _image_outputs(model, state, kw, layer, box, lambda: fam.encode(model, kw, layer))
     proj = list(out.pooler_output)
     if len(proj) != len(lay.counts):
         raise ValueError(f"the prompts hold {len(lay.counts)} images, the image inputs {len(proj)}")
