@@ -279,6 +279,10 @@ def test_continuing_the_returned_cache(request, family):
         fresh = model.generate(conv, attention_mask=cmask, max_new_tokens=4, do_sample=False, **fresh_kw)
     assert torch.equal(cont, fresh)
     first = _gen(model, x, n=3, return_dict_in_generate=True)
+    model.svdprune.method = "norm"  # another pre-LLM method: refused, as another budget is
+    with pytest.raises(ValueError, match="built by svd; the patch's method is now norm"):
+        model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)
+    model.svdprune.method = "svd"
     model.svdprune.budget = 6
     with pytest.raises(ValueError, match="built with 5 tokens per image"):
         model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values,
@@ -405,6 +409,12 @@ def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
     patch_model(qwen_model, "svd", budget=4)
     with pytest.raises(NotImplementedError, match="video inputs"):
         _logits(qwen_model, xq | {"pixel_values_videos": torch.zeros(4, 1176), "video_grid_thw": torch.ones(1, 3)})
+    text_only = {k: xq[k] for k in ("input_ids", "attention_mask")}
+    with pytest.raises(NotImplementedError, match="video inputs"):  # a call with videos only, too
+        _logits(qwen_model, text_only | {"pixel_values_videos": torch.zeros(4, 1176),
+                                         "video_grid_thw": torch.ones(1, 3)})
+    with pytest.raises(ValueError, match="fastv_layer must be an int"):
+        patch_model(qwen_model, "fastv", budget=4, fastv_layer="1")
     with torch.no_grad():
         emb = qwen_model.get_input_embeddings()(xq["input_ids"])
     with pytest.raises(ValueError, match="pruning needs input_ids"):
@@ -474,6 +484,10 @@ def test_a_budget_ratio_keeps_a_share_of_each_image(qwen_model, next_model):
     ref = _logits(qwen_model, x)
     unpatch_model(qwen_model)
     assert torch.equal(_logits(qwen_model, x), ref)
+    import numpy as np
+
+    patch_model(qwen_model, "svd", budget=np.float32(0.25))  # any real number is a ratio
+    assert [len(k) for k in prune_inputs(qwen_model, **x).kept] == [6, 2, 4]
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="ratio of each image's tokens in \\(0, 1\\]"):
             patch_model(qwen_model, "svd", budget=bad)
@@ -716,5 +730,19 @@ def test_fastv_on_other_families_keeps_the_generate_contract(request, family):
     patch_model(model, "fastv", budget=5, fastv_layer=1, kept=kept)  # a stored selection replays exactly
     assert torch.equal(_gen(model, x, n=5), gen)
     patch_model(model, "fastv", budget=5, fastv_layer=1)
-    with pytest.raises(NotImplementedError, match="rows keep .* tokens after the cut"):
+    with pytest.raises(NotImplementedError, match="rows would keep .* columns after the cut"):
         _logits(model, inputs())  # rows whose images differ in number and length
+
+
+
+def test_llava_cache_continued_with_another_pre_llm_method_is_refused():
+    from conftest import build_llava_inputs, build_tiny_llava
+
+    model = build_tiny_llava()
+    x = build_llava_inputs([(3, 1, 4)])
+    patch_llava(model, "svd", budget=16)
+    first = _gen(model, x, n=2, return_dict_in_generate=True)
+    mask = torch.cat([x["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+    model.svdprune.method = "norm"
+    with pytest.raises(ValueError, match="built by svd; the patch's method is now norm"):
+        model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)

@@ -90,8 +90,16 @@ def _unsupported_inputs(kw: dict, family: str) -> None:
                                       "(unpatch_model) for a call with videos")
 
 
+class _Family:
+    name = ""
+
+    def check_videos(self, kw: dict) -> None:
+        """Refuse any call that carries videos (with or without images)."""
+        _unsupported_inputs(kw, self.name)
+
+
 # ------------------------------------------------------------------------------------------- LLaVA-NeXT
-class LlavaNext:
+class LlavaNext(_Family):
     name = "llava_next"
     positions = ("compact", "original")
     has_cls = True
@@ -178,7 +186,7 @@ class LlavaNext:
 
 
 # ------------------------------------------------------------------------------------------- Qwen2.5-VL
-class Qwen25VL:
+class Qwen25VL(_Family):
     name = "qwen2_5_vl"
     positions = ("original",)
     has_cls = False

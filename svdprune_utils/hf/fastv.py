@@ -161,8 +161,9 @@ def _select_varlen(state, call: FastVCall, hidden, layer_idx: int) -> None:
     if state.kept is not None and i != len(state.kept):
         raise ValueError(f"the stored selection (kept) holds {len(state.kept)} images, this call {i}")
     if len({len(r) for r in stage}) > 1:
-        raise NotImplementedError(f"fastv: the rows keep {[len(r) for r in stage]} tokens after the cut (their "
-                                  "images differ in number or length): run them one by one")
+        raise NotImplementedError(f"fastv: the rows would keep {[len(r) for r in stage]} columns after the cut "
+                                  "(text and padding included: their images differ in number or length); run them "
+                                  "one by one")
     call.stages.append((layer_idx, torch.stack(stage)))
     call.P, call.chosen, call.probs, call.pe = call.image_mask.shape[1], True, None, None
     state.kept_indices = kept_all
@@ -298,6 +299,7 @@ def _image_counts(model, kw: dict, past: int, stored):
     fam = family_of(model)
     if fam is None:
         return tokens_per_image(model, kw.get("vision_feature_select_strategy"))
+    fam.check_videos(kw)
     mm = kw.get("mm_encoder_outputs") or {}
     if past or (kw.get("pixel_values") is None and mm.get("image") is None):
         return []

@@ -49,6 +49,7 @@ caller's prompt; the returned cache can be continued with ``generate(sequences, 
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,9 +187,11 @@ def _check_common(model, state: PruneState) -> None:
     if state.method not in known_methods():
         raise ValueError(f"unknown method {state.method!r}; registered: {sorted(SELECTORS)}, "
                          f"merging: {sorted(REDUCERS)}, inside the LLM: {sorted(IN_LLM)}")
-    if family_of(model) is not None and isinstance(state.budget, float):  # a ratio of each image's tokens
-        if not 0.0 < state.budget <= 1.0:
+    ratio = isinstance(state.budget, numbers.Real) and not isinstance(state.budget, numbers.Integral)
+    if family_of(model) is not None and ratio:  # a ratio of each image's tokens
+        if not 0.0 < float(state.budget) <= 1.0:
             raise ValueError(f"a float budget is a ratio of each image's tokens in (0, 1], got {state.budget}")
+        state.budget = float(state.budget)
     else:
         state.budget = check_budget(state.budget)
     if state.feature is not None and state.feature not in _FEATURES:
@@ -200,6 +203,8 @@ def _check_common(model, state: PruneState) -> None:
                          "full sequence is numbered; its official code keeps the kept tokens' position ids): use "
                          "positions='original' or None")
     n_layers = len(_lm_layers(model))
+    if state.method == "fastv" and (isinstance(state.fastv_layer, bool) or not isinstance(state.fastv_layer, int)):
+        raise ValueError(f"fastv_layer must be an int in [1, {n_layers - 1}], got {state.fastv_layer!r}")
     if state.method == "fastv" and not 1 <= state.fastv_layer < n_layers:
         raise ValueError(f"fastv_layer must be in [1, {n_layers - 1}], got {state.fastv_layer}")
     if state.method in IN_LLM and state.selector_kwargs:

@@ -62,7 +62,7 @@ class CutRecord(NamedTuple):
     first token after the prompt in each row (the last prompt column's position + 1, generate's own rule), None
     for "compact". LLaVA-NeXT and Qwen2.5-VL (images of different lengths): counts, the placeholders of each
     image, and kept_counts, the tokens each kept; prompt_positions: Qwen's (3, B, L) rotary positions of the
-    pruned prompt; row_images: the images of each prompt row."""
+    pruned prompt; row_images: the images of each prompt row; method: the method that cut the prompt."""
 
     k: int
     prompt_len: int
@@ -73,6 +73,7 @@ class CutRecord(NamedTuple):
     kept_counts: tuple | None = None
     prompt_positions: torch.Tensor | None = None
     row_images: tuple | None = None
+    method: str | None = None
 
 
 @dataclass
@@ -281,7 +282,7 @@ def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     seq = ids if ids is not None else embeds
     L = cut["index"].shape[1]
     nxt = cut["position_ids"][:, -1] + 1 if positions == "original" else None
-    record = CutRecord(min(state.budget, N), seq.shape[1], positions, L, nxt)
+    record = CutRecord(min(state.budget, N), seq.shape[1], positions, L, nxt, method=state.method)
     return Pruned(inputs=cut, kept=kept, index=cut.pop("index"), record=record)
 
 
@@ -309,6 +310,9 @@ def _cached_images(img: torch.Tensor, record, past: int) -> torch.Tensor:
 
 
 def _check_continuation(record, state, positions: str, budget) -> None:
+    if record.method is not None and record.method != state.method:
+        raise ValueError(f"this cache was built by {record.method}; the patch's method is now {state.method}: "
+                         "continue with the method it was built with")
     if record.k != budget:
         what = f"{record.k} tokens per image" if isinstance(record.k, int) else f"budget ratio {record.k}"
         raise ValueError(f"this cache was built with {what}; the patch's budget is now "
@@ -339,7 +343,10 @@ class _Reduced(BaseModelOutputWithPooling):
 def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     """:func:`prune_call` for a family whose images differ in length (``fam``: its adapter). Inside the patched
     ``generate`` the inputs are already cut (or have nothing to cut): the forwards pass them on."""
-    view = None if state._in_generate else _view(model, kw, past)
+    if state._in_generate:
+        return None
+    fam.check_videos(kw)
+    view = _view(model, kw, past)
     if view is None:
         return None
     ids, embeds, mm, has_images, img, cache, record = view
@@ -397,7 +404,7 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     seq = ids if ids is not None else embeds
     row_images = tuple(int(n) for n in _row_image_counts(img, lay.counts))
     record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
-                       tuple(len(k) for k in kept), rotary, row_images)
+                       tuple(len(k) for k in kept), rotary, row_images, state.method)
     cut["mm_encoder_outputs"]["image"].record = record
     return Pruned(inputs=cut, kept=kept, index=index, record=record)
 
