@@ -384,9 +384,6 @@ def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
         patch_model(qwen_model, method, budget=4)
         with pytest.raises(ValueError, match="has no CLS token"):
             _logits(qwen_model, xq)
-    for model in (next_model, qwen_model):
-        with pytest.raises(NotImplementedError, match="sparsevlm is not supported for"):
-            patch_model(model, "sparsevlm", budget=4)
     with pytest.raises(ValueError, match="positions in \\('original',\\)"):
         patch_model(qwen_model, "svd", budget=4, positions="compact")
     with pytest.raises(ValueError, match="LLaVA-NeXT's knobs"):
@@ -746,3 +743,32 @@ def test_llava_cache_continued_with_another_pre_llm_method_is_refused():
     model.svdprune.method = "norm"
     with pytest.raises(ValueError, match="built by svd; the patch's method is now norm"):
         model.generate(first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_sparsevlm_on_other_families(request, family):
+    """SparseVLM's rules as on LLaVA-1.5 (the mechanism is shared and tested against a hand-built run there): its
+    schedule for the image's placeholder count, the last stage's tokens per image, cache = no cache, batch = rows
+    alone, full budget = unpatched; images of different lengths in one call are refused clearly."""
+    from svdprune_utils.hf.sparsevlm import schedule
+
+    model, inputs, _ = _family(request, family)
+    x = inputs(FASTV_ROWS[family])
+    S = x["input_ids"].shape[1]
+    n = int(_image_features(model, x).pooler_output[0].shape[0])
+    ref = _gen(model, x)
+    patch_model(model, "sparsevlm", budget=10_000)
+    assert torch.equal(_gen(model, x), ref)
+    budget = n // 3
+    patch_model(model, "sparsevlm", budget=budget)
+    with torch.no_grad():
+        model(**x)
+    last = schedule(budget, 2, n).counts[-1]
+    assert [len(k) for k in model.svdprune.kept_indices] == [last, last]
+    gen = _gen(model, x, n=4)
+    assert torch.equal(gen, _gen(model, x, n=4, use_cache=False))
+    for b in range(2):
+        one = _row(x, b, [b])
+        assert torch.equal(gen[b, S:], _gen(model, one, n=4)[0, one["input_ids"].shape[1]:])
+    with pytest.raises(NotImplementedError, match="same number of placeholders"):
+        _logits(model, inputs())

@@ -20,10 +20,12 @@ with kwargs on the decoder layers; no transformers code is replaced.
   for the full length by layer 0's cache) keeps the kept prompt columns and every generated column.
   Gathering columns by index (never slicing the first ones) keeps left padding right.
 
-LLaVA-NeXT and Qwen2.5-VL (``patch_model``; FastV only): images differ in length, so each image keeps its
-``budget`` placeholders (LLaVA-NeXT's newline tokens are image tokens to the LLM and compete like the others) by the
-same attention; the rows must keep the same number of tokens after the cut (else NotImplementedError); Qwen's
-kept tokens keep their 3-D rotary positions like every token (the cos/sin the layers receive are gathered).
+LLaVA-NeXT and Qwen2.5-VL (``patch_model``): images differ in length, so FastV keeps each image's ``budget``
+placeholders (LLaVA-NeXT's newline tokens are image tokens to the LLM and compete like the others) by the same
+attention, and the rows must keep the same number of tokens after the cut (else NotImplementedError); SparseVLM
+runs its rules unchanged when every image of the call has the same placeholder count (its schedule is computed for
+that count; else NotImplementedError). Qwen's kept tokens keep their 3-D rotary positions like every token (the
+cos/sin the layers receive are gathered; SparseVLM's gravity is computed from them).
 
 SparseVLM (:mod:`.sparsevlm` holds its rules) runs on the same mechanism with several cuts: the layers of its
 schedule (``Schedule.cuts``) each drop image tokens of the previous stage, scored by the attention its text raters
@@ -64,7 +66,9 @@ def cuts_of(model, state, n: int) -> tuple[tuple, tuple]:
     FastV: ((K,), (budget,)); SparseVLM: its :func:`.sparsevlm.schedule` for the budget (``Schedule.cuts``)."""
     if state.method == "fastv":
         return (state.fastv_layer,), (state.budget,)
-    sched = svlm.schedule(state.budget, model.config.text_config.num_hidden_layers, n)
+    from .prune import kept_count
+
+    sched = svlm.schedule(kept_count(state.budget, n), model.config.text_config.num_hidden_layers, n)
     return sched.cuts, sched.counts
 
 
@@ -291,6 +295,12 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
     return args, kwargs
 
 
+def _varlen_family(model) -> bool:
+    from .families import family_of
+
+    return family_of(model) is not None
+
+
 def _image_counts(model, kw: dict, past: int, stored):
     """N for LLaVA-1.5; for a family whose images differ in length the placeholders of each of the call's images
     (from the pre-encoded image outputs inside ``generate``, else from the family's layout), [] without images."""
@@ -334,6 +344,11 @@ def fastv_forward(model, state, orig, kw: dict):
             if n:
                 state.kept_indices = [torch.arange(c) for c in n]
             return orig(**kw)
+        if state.method == "sparsevlm" and n:  # its stages prune every image alike: one count for all
+            if len(set(n)) > 1:
+                raise NotImplementedError(f"sparsevlm on {type(model).__name__}: every image of a call must have the "
+                                          f"same number of placeholders, got {n}: run them one by one")
+            n = n[0]
     elif state.budget >= n and state.kept is None and stored is None:  # nothing to prune: the unpatched run
         if mask is not None and bool(mask.any()) and int(mask.sum()) % n == 0:
             state.kept_indices = torch.arange(n, device=seq.device).expand(int(mask.sum()) // n, -1).clone()
@@ -381,6 +396,8 @@ def fastv_forward(model, state, orig, kw: dict):
             out = orig(**kw)
     finally:
         state._call = None
+    if call.chosen and isinstance(state.kept_indices, torch.Tensor) and _varlen_family(model):
+        state.kept_indices = list(state.kept_indices)  # LLaVA-NeXT / Qwen: one tensor per image, as everywhere
     if call.chosen:
         record = (tuple(call.stages), call.P, state.method, state.budget)
         for c in (cache, getattr(out, "cache", None)):

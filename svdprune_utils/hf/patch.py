@@ -151,10 +151,6 @@ def _check(model, state: PruneState) -> None:
 def _check_family(model, state: PruneState, fam) -> None:
     """The knobs of a LLaVA-NeXT or Qwen2.5-VL patch (images of different lengths)."""
     name = type(model).__name__
-    if state.method == "sparsevlm":
-        raise NotImplementedError(f"sparsevlm is not supported for {name} yet (its schedule and RoPE gravity follow "
-                                  "LLaVA-1.5's one image of 576 tokens; README, supported models): use fastv or a "
-                                  "pre-LLM method")
     if state.positions is not None and state.positions not in fam.positions:
         raise ValueError(f"{name} supports positions in {fam.positions} (Qwen: the kept tokens keep their 3-D "
                          f"rotary positions), got {state.positions!r}")
@@ -437,9 +433,11 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     and visionzip raise ValueError at the call.
     For both: FastV cuts inside the LLM as on LLaVA-1.5 (each image keeps the ``budget`` placeholders, LLaVA-NeXT's
     newlines included, most attended by its row's last token at layer K−1; a batch whose rows would keep different
-    numbers of tokens raises NotImplementedError: run them one by one); SparseVLM is not supported yet
-    (NotImplementedError); ``kept`` and ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of
-    offsets per image; videos are refused.
+    numbers of tokens raises NotImplementedError: run them one by one); SparseVLM runs its LLaVA-1.5 rules unchanged
+    (schedule for the image's placeholder count, gravity from the layer's own rotary cos/sin) when every image of
+    the call has the same number of placeholders (else NotImplementedError) — not an official variant for these
+    families; ``kept`` and ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of offsets per image;
+    videos are refused.
     Rules and layouts: :mod:`svdprune_utils.hf.families`.
     """
     if family_name(model) is None:
