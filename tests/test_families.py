@@ -772,3 +772,32 @@ def test_sparsevlm_on_other_families(request, family):
         assert torch.equal(gen[b, S:], _gen(model, one, n=4)[0, one["input_ids"].shape[1]:])
     with pytest.raises(NotImplementedError, match="same number of placeholders"):
         _logits(model, inputs())
+
+
+def test_sparsevlm_schedule_follows_the_images_placeholder_count():
+    """On a 6-layer decoder SparseVLM cuts after layers 0, 1 and 3 with counts that depend on the image's token
+    count: the stages keep what ``schedule(budget, 6, n)`` gives for this image's n, not for LLaVA-1.5's 576."""
+    from conftest import build_tiny_qwen
+
+    from svdprune_utils.hf.sparsevlm import schedule
+
+    model = build_tiny_qwen(text_layers=6)
+    x = qwen_inputs([(3, [(8, 12)], 4)])
+    n = 24
+    sched = schedule(12, 6, n)
+    assert sched.counts != schedule(12, 6, 576).counts  # the check below can tell the two apart
+    patch_model(model, "sparsevlm", budget=12)
+    seen = []
+
+    def length(module, args, kwargs):  # runs after the patch's own pre-hook: the sequence the layer processes
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    hooks = [layer.register_forward_pre_hook(length, with_kwargs=True) for layer in model.model.language_model.layers]
+    with torch.no_grad():
+        model(**x)
+    for h in hooks:
+        h.remove()
+    text = x["input_ids"].shape[1] - n
+    stage = [max((j for j, c in enumerate(sched.cuts) if c <= i), default=None) for i in range(6)]
+    want = [text + (n if s is None else sched.counts[s]) for s in stage]
+    assert seen == want

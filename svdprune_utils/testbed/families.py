@@ -83,12 +83,12 @@ def _padded(seqs, pad_left: bool, extra: dict | None = None) -> dict:
     return {"input_ids": ids, "attention_mask": mask, **out}
 
 
-def build_tiny_qwen(seed: int = 0):
+def build_tiny_qwen(seed: int = 0, text_layers: int = 2):
     """A random Qwen2.5-VL-shaped model: windowed vision tower (2 blocks, the second full attention, patch 14,
-    2×2 merger, window 112 px), Qwen2 decoder (hidden 64, 2 layers, mrope sections 2/3/3)."""
+    2×2 merger, window 112 px), Qwen2 decoder (hidden 64, ``text_layers`` layers, mrope sections 2/3/3)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128, initializer_range=0.2, pad_token_id=PAD_ID,
                 bos_token_id=BOS_ID, eos_token_id=None,
                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
