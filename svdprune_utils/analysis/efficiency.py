@@ -334,18 +334,17 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
                   overhead_budget: int = 64, progress: bool = True, selection_shape: tuple | None = None):
     """Measured prefill latency per (method, budget) next to the FLOPs model, as a DataFrame.
 
-    ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). The
-    configurations are timed in interleaved rounds — one warm-up round, then ``repeats`` rounds in which
-    every (method, budget) runs one prefill (as ``generate``'s: KV cache on, logits of the last position only),
-    patched with :func:`~svdprune_utils.hf.patch.patch_llava` and
-    unpatched around it — so a slow drift of the machine (another process, clock changes) hits every
-    configuration alike; each gets the median of its rounds (CUDA events on a GPU). Columns: method,
-    budget (tokens kept), prefill_ms, latency_ratio (to the unpruned prefill), flops_ratio (decoder
-    FLOPs, same ratio), speedup_vs_flops (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is
-    fully realised), kv_cache_bytes (model dtype), selection_ms (selection alone at ``overhead_budget``,
-    on the model's device) and selection_pct (of the pruned prefill at that budget).
+    ``inputs``: processor output for ONE prompt with one image (its placeholder run gives N). The configurations are
+    timed in interleaved rounds — one warm-up round, then ``repeats`` rounds in which every (method, budget) runs
+    one prefill (as ``generate``'s: KV cache on, logits of the last position only), patched with
+    :func:`~svdprune_utils.hf.patch.patch_model` and unpatched around it — so a slow drift of the machine (another
+    process, clock changes) hits every configuration alike; each gets the median of its rounds (CUDA events on a
+    GPU). Columns: method, budget (tokens kept), prefill_ms, latency_ratio (to the unpruned prefill), flops_ratio
+    (decoder FLOPs, same ratio), speedup_vs_flops (measured speed-up / FLOPs speed-up; 1 = the FLOPs saving is fully
+    realised), kv_cache_bytes (model dtype), selection_ms (selection alone at ``overhead_budget``, on the model's
+    device) and selection_pct (of the pruned prefill at that budget).
 
-    Any family :func:`~svdprune_utils.hf.patch.patch_model` supports (LLaVA-1.5 as ``patch_llava``): N is the
+    Any family ``patch_model`` supports (on LLaVA-1.5 it is ``patch_llava``): N is the
     prompt's placeholder count (LLaVA-NeXT: newlines included), and ``selection_shape`` (n, d) the features the
     method scores for the selection columns (default: N × the tower's hidden size, LLaVA-1.5's).
     """

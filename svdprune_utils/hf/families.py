@@ -83,19 +83,18 @@ def family_of(model):
     return FAMILIES.get(name)
 
 
-def _unsupported_inputs(kw: dict, family: str) -> None:
-    for name in ("pixel_values_videos", "video_grid_thw"):
-        if kw.get(name) is not None:
-            raise NotImplementedError(f"{family}: video inputs are not pruned by the patch yet; unpatch the model "
-                                      "(unpatch_model) for a call with videos")
-
-
 class _Family:
     name = ""
 
     def check_videos(self, kw: dict) -> None:
         """Refuse any call that carries videos (with or without images)."""
-        _unsupported_inputs(kw, self.name)
+        for key in ("pixel_values_videos", "video_grid_thw"):
+            if kw.get(key) is not None:
+                raise NotImplementedError(f"{self.name}: video inputs are not pruned by the patch yet; unpatch the "
+                                          "model (unpatch_model) for a call with videos")
+
+    def check_call(self, model, kw: dict) -> None:
+        """Refuse a call with images this family's layout cannot describe (none by default)."""
 
 
 # ------------------------------------------------------------------------------------------- LLaVA-NeXT
@@ -109,8 +108,8 @@ class LlavaNext(_Family):
         v = model.config.vision_config
         return (v.image_size // v.patch_size) ** 2
 
-    def check_call(self, model, kw: dict, strategy: str) -> None:
-        _unsupported_inputs(kw, self.name)
+    def check_call(self, model, kw: dict) -> None:
+        strategy = kw.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         if strategy != "default":
             raise NotImplementedError("LLaVA-NeXT: only vision_feature_select_strategy='default' is supported "
                                       "(transformers' anyres packing assumes the CLS token dropped)")
@@ -190,9 +189,6 @@ class Qwen25VL(_Family):
     name = "qwen2_5_vl"
     positions = ("original",)
     has_cls = False
-
-    def check_call(self, model, kw: dict, strategy) -> None:
-        _unsupported_inputs(kw, self.name)
 
     def encode(self, model, kw: dict, layer):
         return model.model.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), return_dict=True)

@@ -51,6 +51,7 @@ from transformers.cache_utils import DynamicCache
 from ..core.selection import select_tokens, top_k
 from . import sparsevlm as svlm
 from .attention import attention_probs, probing
+from .families import family_of
 from .prune import CACHE_CUT, CACHE_FASTV, IN_LLM, cache_of, image_token_mask, tokens_per_image
 
 __all__ = ["FastVCall", "default_layer", "cuts_of", "fastv_pre_hook", "fastv_forward"]
@@ -295,18 +296,10 @@ def fastv_pre_hook(state, layer_idx: int, module, args, kwargs):
     return args, kwargs
 
 
-def _varlen_family(model) -> bool:
-    from .families import family_of
-
-    return family_of(model) is not None
-
-
-def _image_counts(model, kw: dict, past: int, stored):
-    """N for LLaVA-1.5; for a family whose images differ in length the placeholders of each of the call's images
-    (from the pre-encoded image outputs inside ``generate``, else from the family's layout), [] without images."""
-    from .families import family_of
-
-    fam = family_of(model)
+def _image_counts(model, fam, kw: dict, past: int):
+    """N for LLaVA-1.5 (``fam`` None); for a family whose images differ in length the placeholders of each of the
+    call's images (from the pre-encoded image outputs inside ``generate``, else from the family's layout), []
+    without images."""
     if fam is None:
         return tokens_per_image(model, kw.get("vision_feature_select_strategy"))
     fam.check_videos(kw)
@@ -315,8 +308,7 @@ def _image_counts(model, kw: dict, past: int, stored):
         return []
     if mm.get("image") is not None:
         return [int(p.shape[0]) for p in mm["image"].pooler_output]
-    fam.check_call(model, kw, kw.get("vision_feature_select_strategy")
-                   or getattr(model.config, "vision_feature_select_strategy", None))
+    fam.check_call(model, kw)
     return fam.layout(model, kw).counts
 
 
@@ -336,7 +328,8 @@ def fastv_forward(model, state, orig, kw: dict):
         raise ValueError(f"this cache was built by {stored[2]} at budget {stored[3]}; the patch is now "
                          f"{state.method} at budget {state.budget}: continue it with the method and budget it was "
                          "built with")
-    n = _image_counts(model, kw, past, stored)  # N, or (LLaVA-NeXT, Qwen) the placeholders of each image
+    fam = family_of(model)
+    n = _image_counts(model, fam, kw, past)  # N, or (LLaVA-NeXT, Qwen) the placeholders of each image
     if isinstance(n, list):
         from .prune import kept_count
 
@@ -396,7 +389,7 @@ def fastv_forward(model, state, orig, kw: dict):
             out = orig(**kw)
     finally:
         state._call = None
-    if call.chosen and isinstance(state.kept_indices, torch.Tensor) and _varlen_family(model):
+    if call.chosen and isinstance(state.kept_indices, torch.Tensor) and fam is not None:
         state.kept_indices = list(state.kept_indices)  # LLaVA-NeXT / Qwen: one tensor per image, as everywhere
     if call.chosen:
         record = (tuple(call.stages), call.P, state.method, state.budget)

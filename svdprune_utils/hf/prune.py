@@ -231,8 +231,6 @@ def _select(model, state, kw, img: torch.Tensor, N: int) -> tuple[torch.Tensor, 
 def prune_call(model, state, kw: dict, past: int = 0) -> Pruned | None:
     """The pre-LLM pruning of one call (``kw``: the caller's keyword inputs), or None when the call has
     nothing to prune (no image runs, or budget >= N)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     fam = family_of(model)
     if fam is not None:
         return _family_call(model, state, kw, past, fam)
@@ -328,8 +326,6 @@ def pad_id(model) -> int:
     return 0 if pad is None else int(pad)
 
 
-
-
 # ------------------------------------------------------------------ LLaVA-NeXT and Qwen2.5-VL (:mod:`.families`)
 @dataclass
 class _Reduced(BaseModelOutputWithPooling):
@@ -371,8 +367,7 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
         return None
     if isinstance(mm.get("image"), _Reduced):  # inputs the patch cut (prune_inputs): mark the cache they fill
         return None if past else Pruned(inputs=kw, kept=None, index=None, record=mm["image"].record)
-    fam.check_call(model, kw, kw.get("vision_feature_select_strategy")
-                   or getattr(model.config, "vision_feature_select_strategy", None))
+    fam.check_call(model, kw)
     lay = fam.layout(model, kw)
     if mm.get("image") is not None and kw.get("pixel_values") is None:
         if [int(p.shape[0]) for p in mm["image"].pooler_output] != lay.counts:
@@ -383,7 +378,8 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     if past:
         raise NotImplementedError("continuing a cache with new images is not supported by the pruning patch: "
                                   "generate again from the whole conversation")
-    kept, feats = _family_select(model, state, kw, img, fam, lay)
+    runs = image_runs(img, lay.counts)  # raises, naming the row, when the placeholders do not match the images
+    kept, feats = _family_select(model, state, kw, img, fam, lay, runs)
     state.kept_indices = kept
     full = fam.full_positions(model, kw)  # Qwen: (3, B, S); the cut gathers them below
     drop = ("pixel_values",) if full is None else ("pixel_values", "position_ids")
@@ -402,15 +398,10 @@ def _family_call(model, state, kw: dict, past: int, fam) -> Pruned | None:
     else:
         nxt = None
     seq = ids if ids is not None else embeds
-    row_images = tuple(int(n) for n in _row_image_counts(img, lay.counts))
     record = CutRecord(state.budget, seq.shape[1], positions, index.shape[1], nxt, tuple(lay.counts),
-                       tuple(len(k) for k in kept), rotary, row_images, state.method)
+                       tuple(len(k) for k in kept), rotary, tuple(len(r) for r in runs), state.method)
     cut["mm_encoder_outputs"]["image"].record = record
     return Pruned(inputs=cut, kept=kept, index=index, record=record)
-
-
-def _row_image_counts(img: torch.Tensor, counts: list) -> list:
-    return [len(r) for r in image_runs(img, counts)]
 
 
 def _expanded(record: CutRecord, rows: int) -> tuple[list, list]:
@@ -441,8 +432,9 @@ def _continued_rotary(record: CutRecord, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([pp, tail[None].expand(pp.shape[0], -1, -1)], dim=2)
 
 
-def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
-    """Per image: kept offsets into its placeholder run (ascending) and the features the LLM receives there."""
+def _family_select(model, state, kw, img, fam, lay, runs) -> tuple[list, list]:
+    """Per image: kept offsets into its placeholder run (ascending) and the features the LLM receives there
+    (``runs``: :func:`image_runs` of the call)."""
     if state.method in CLS_HEADS and state.kept is None and not fam.has_cls:
         raise ValueError(f"{state.method} needs the vision tower's CLS attention; {type(model).__name__}'s tower "
                          "has no CLS token: use a method that does not read it (svd, divprune, cdpruner, ...)")
@@ -452,7 +444,6 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
     proj = list(out.pooler_output)
     if len(proj) != len(lay.counts):
         raise ValueError(f"the prompts hold {len(lay.counts)} images, the image inputs {len(proj)}")
-    runs = image_runs(img, lay.counts)  # raises, naming the row, when the placeholders do not match the images
     if state.kept is not None:
         kept = [torch.as_tensor(k).long() for k in state.kept]
         if len(kept) != len(proj):
@@ -485,7 +476,7 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
         if merged is not None:
             full = full.clone()
             full[kept.to(full.device)] = merged_to_llm(model, merged, space).to(full.dtype)
-        if getattr(state, "newlines", "drop") == "keep":
+        if state.newlines == "keep":
             kept = fam.keep_newlines(lay, i, kept)
         kept_all.append(kept)
         out_feats.append(full[kept.to(full.device)])
@@ -495,7 +486,7 @@ def _family_select(model, state, kw, img, fam, lay) -> tuple[list, list]:
 def _groups(state, lay, i: int) -> list:
     """The candidate groups of image ``i`` that each get the budget: the whole image, or (``scope="tile"``) each
     of its tiles."""
-    if getattr(state, "scope", "image") == "tile":
+    if state.scope == "tile":
         tiles = lay.tiles[i]
         return [(tiles == t).nonzero().flatten() for t in torch.unique(tiles)]
     return [torch.arange(len(lay.candidates[i]))]
