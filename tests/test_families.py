@@ -401,6 +401,8 @@ def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
     with pytest.raises(ValueError, match="uniform spreads its tokens over one patch grid"):
         _logits(next_model, xn)
     patch_model(next_model, "svd", budget=4)
+    with pytest.raises(NotImplementedError, match="only vision_feature_select_strategy='default'"):
+        _logits(next_model, xn | {"vision_feature_select_strategy": "full"})  # the call's own strategy counts
     with pytest.raises(ValueError, match="needs image_sizes"):
         _logits(next_model, {k: v for k, v in xn.items() if k != "image_sizes"})
     patch_model(qwen_model, "svd", budget=4)
