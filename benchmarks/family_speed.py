@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-from svdprune_utils.analysis.efficiency import device_name, prefill_table, report_table
+from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, device_name, prefill_table,
+                                                report_table)
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -112,28 +113,20 @@ def main(argv=None) -> int:
     p.add_argument("--image", default="672x672", help="image size HxW in pixels")
     p.add_argument("--text-layers", type=int, help="keep only the first N decoder layers (full width)")
     p.add_argument("--vision-layers", type=int, help="keep only the first N vision-tower layers (full width)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    p.add_argument("--budgets", default="576,192,64", help="tokens kept per image (the unpruned run is added)")
-    p.add_argument("--methods", default="svd,random")
-    p.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides the image")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--overhead-budget", type=int, default=64, help="K for the selection-overhead columns")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the markdown table here (and a .csv beside it)")
+    add_prefill_arguments(p, budgets="576,192,64", methods="svd,random", repeats=3)  # the unpruned run is added
     args = p.parse_args(argv)
     try:
         image = tuple(int(v) for v in args.image.lower().split("x"))
-        assert len(image) == 2 and min(image) > 0
-    except (ValueError, AssertionError):
+    except ValueError:
+        image = ()
+    if len(image) != 2 or min(image) < 1:
         p.error(f"--image must be HxW in pixels, e.g. 672x672; got {args.image!r}")
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
         p.error(f"--budgets must be comma-separated integers, got {args.budgets!r}")
     device = auto_device(args.device)
-    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
-             "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = bench_dtype(args.dtype, device)
     model = build(args, device, dtype)
     inputs, shape = make_inputs(model, image, args.text_tokens, device, dtype, args.seed)
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())

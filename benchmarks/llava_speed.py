@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from svdprune_utils.analysis.efficiency import device_name, prefill_table, report_table
+from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, device_name, prefill_table,
+                                                report_table)
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,8 +76,7 @@ def make_inputs(model, n_text: int, device, dtype, seed: int) -> dict:
 
 def run(args) -> pd.DataFrame:
     device = auto_device(args.device)
-    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
-             "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = bench_dtype(args.dtype, device)
     model = build_model(args, device, dtype)
     inputs = make_inputs(model, args.text_tokens, device, dtype, args.seed)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -92,15 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="llava-1.5-7b", help="data/configs/<name>.json or a JSON path")
     p.add_argument("--text-layers", type=int, help="with --random-weights: keep only the first N decoder layers "
                    "(the full width, for machines that cannot hold the whole model; FLOPs use the same config)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    p.add_argument("--budgets", default="576,192,128,64,32,16")
-    p.add_argument("--methods", default="svd,fastv,cls_attention,random")
-    p.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides the image")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--overhead-budget", type=int, default=64, help="K for the selection-overhead columns")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the markdown table here (and a .csv beside it)")
+    add_prefill_arguments(p, budgets="576,192,128,64,32,16", methods="svd,fastv,cls_attention,random", repeats=5)
     args = p.parse_args(argv)
     if args.text_layers is not None and not args.random_weights:
         p.error("--text-layers truncates a --random-weights model; it cannot apply to --model")

@@ -399,6 +399,26 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     return df
 
 
+def add_prefill_arguments(parser, budgets: str, methods: str, repeats: int) -> None:
+    """The options the prefill benchmarks share (``benchmarks/llava_speed.py``, ``family_speed.py``): device, dtype,
+    budgets, methods, text tokens, repeats, the selection-overhead budget, seed and output path."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    parser.add_argument("--budgets", default=budgets, help="tokens kept per image")
+    parser.add_argument("--methods", default=methods)
+    parser.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides the image")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--overhead-budget", type=int, default=64, help="K for the selection-overhead columns")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the markdown table here (and a .csv beside it)")
+
+
+def bench_dtype(name: str, device) -> torch.dtype:
+    """``--dtype``: "auto" is fp16 on CUDA and fp32 elsewhere; else fp16, bf16 or fp32."""
+    auto = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return {"auto": auto, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def device_name(device) -> str:
     """A benchmark table's device line: the CUDA device's name, or the CPU with its thread count."""
     device = torch.device(device)
