@@ -136,6 +136,38 @@ def test_returns_same_kind_and_does_not_mutate():
     assert torch.equal(T, Tc)
 
 
+@pytest.mark.parametrize("shape", [(40, 20), (1100, 1024)])  # the full eigh and the top-k path
+def test_fp64_input_is_not_scaled_in_place(shape):
+    """fp64 input needs no dtype conversion, and unit_scale divides by a power of two: the copy must still be made
+    (a peak of 1000 gives scale 1024, so an in-place division would show)."""
+    from svdprune_utils.core.validate import unit_scale
+
+    X = clip_like(*shape, seed=7).astype(np.float64)
+    X *= 1000.0 / np.abs(X).max()
+    Xc = X.copy()
+    T = torch.tensor(X)
+    Tc = T.clone()
+    leverage_scores(X, rank=3)
+    leverage_scores(T, rank=3)
+    unit_scale(T[None])
+    np.testing.assert_array_equal(X, Xc)
+    assert torch.equal(T, Tc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_entry_is_found_wherever_it_sits(dtype, bad):
+    """The finiteness check reduces with aminmax (no mask): a single NaN or Inf at the first, a middle or the last
+    entry, in any SIMD lane, is still reported."""
+    base = torch.tensor(clip_like(37, 29, seed=1)).to(dtype)
+    for flat in (0, 1, 17, 500, base.numel() - 2, base.numel() - 1):
+        X = base.clone()
+        X.view(-1)[flat] = bad
+        kind = "1 NaN, 0 Inf" if bad != bad else "0 NaN, 1 Inf"
+        with pytest.raises(ValueError, match=rf"1 non-finite value\(s\) \({kind}\)"):
+            leverage_scores(X, rank=2)
+
+
 def test_zero_matrix_has_rank_zero_and_zero_scores():
     s, k = leverage_scores(np.zeros((10, 4), np.float32), rank=3, return_rank=True)
     assert k == 0 and np.all(s == 0)
@@ -259,3 +291,20 @@ def test_large_matrices_take_the_top_k_path_and_match_fp64(monkeypatch):
     leverage_scores(clip_like(1100, 1000, seed=3), 16)  # min(N, d) = 1000 < 1024: the full eigh
     leverage_scores(X, 400)  # k > m / 3: the full eigh
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])  # both orientations of the smaller Gram side
+@pytest.mark.parametrize("p, deflate, step", [(8, 0, False), (8, 0, True), (16, 4, False)])
+def test_mixed_precision_probe_computes_leverage(shape, p, deflate, step):
+    """benchmarks/mixed_precision_probe.py (the evidence that fp32 + an fp64 correction misses 1e-6 at k = 64) must
+    compute rank-k leverage: on a matrix with a wide gap at k its scores equal the fp64 reference."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "mixed_precision_probe.py"
+    spec = importlib.util.spec_from_file_location("mixed_precision_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    X = spectrum_matrix(*shape, GAPPED, seed=2)
+    got = probe.mixed_scores(X, 6, p, deflate, step)
+    np.testing.assert_allclose(got, reference_leverage(X, 6), atol=1e-6)

@@ -111,13 +111,18 @@ def _exact_topk(X: torch.Tensor, k: int, rtol: float):
     U_k² (B, N, k)), or None when some sample's numerical rank is below k (σ_k <= rtol·σ_1: the full spectrum is
     needed to count it; the caller falls back to :func:`_exact_gram`). CPU tensors only."""
     import scipy.linalg
+    from scipy.linalg import blas
 
     B, N, d = X.shape
     m = min(N, d)
-    Gs = X @ X.transpose(1, 2) if N <= d else X.transpose(1, 2) @ X  # torch's GEMM: no second BLAS pool
     sig, usq = [], []
     for b in range(B):
-        lam, W = scipy.linalg.eigh(Gs[b].numpy(), subset_by_index=[m - k, m - 1], driver="evr")
+        # The Gram matrix's upper triangle by BLAS's symmetric rank-k update: half the flops of a GEMM. Xᵀ is
+        # Fortran-ordered, so no copy: trans=0 gives Xᵀ X (N > d), trans=1 gives X Xᵀ (N <= d).
+        At = X[b].contiguous().numpy().T
+        G = blas.dsyrk(1.0, At, trans=0 if N > d else 1)
+        lam, W = scipy.linalg.eigh(G, lower=False, subset_by_index=[m - k, m - 1], driver="evr",
+                                   overwrite_a=True, check_finite=False)
         lam, W = lam[::-1].clip(min=0), torch.from_numpy(W[:, ::-1].copy())
         if not lam[-1] > (rtol * np.sqrt(lam[0])) ** 2:
             return None

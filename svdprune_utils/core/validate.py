@@ -38,7 +38,9 @@ def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -
     if t.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     if not allow_nonfinite:
-        bad = int((~torch.isfinite(t)).sum())
+        # One pass without a mask: aminmax propagates NaN and ±Inf, so both ends are finite iff every entry is.
+        lo, hi = torch.aminmax(t)
+        bad = 0 if bool(torch.isfinite(lo) & torch.isfinite(hi)) else int((~torch.isfinite(t)).sum())
         if bad:
             n_nan = int(torch.isnan(t).sum())
             raise ValueError(
@@ -97,7 +99,9 @@ def unit_scale(t: torch.Tensor) -> torch.Tensor:
     samples are left as they are."""
     if t.ndim != 3:
         raise ValueError(f"unit_scale needs a (B, N, d) batch, got shape {tuple(t.shape)}")
-    t = t.double()
-    peak = t.abs().amax(dim=(1, 2), keepdim=True)
+    lo, hi = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)  # one pass, no |t| copy
+    peak = torch.maximum(-lo, hi).double()[:, None, None]
     scale = torch.where(peak > 0, torch.exp2(torch.round(torch.log2(peak.clamp_min(1e-300)))), 1.0)
-    return t / scale
+    # a copy even for fp64 input (the caller's tensor is never scaled in place); 1/scale is a power of two, so the
+    # product is exact, as t / scale
+    return t.to(torch.float64, copy=True).mul_(1.0 / scale)
