@@ -24,11 +24,11 @@ Usage::
 2880×1024, projected 2880×4096) and Qwen2.5-VL (8192 patches of 1280 features for a 1792×1792-pixel image, merged
 2×2 into 2048 LLM tokens), at k = 16 and 64, against fp32 ``torch.linalg.svd`` of the same matrix (the median of
 as many calls); every timed call follows an untimed torch matmul, as selection follows the vision tower in the
-patch (SciPy's BLAS then shares the cores with torch's thread pool). Accuracy against fp64 ``numpy.linalg.svd``: max |error| and whether the top-K
-sets (K = k) are identical. The selection's share of the prefill is its time over the **FLOPs-time** of the 7B
-decoder prefill of that image plus 40 text tokens — decoder prefill FLOPs (``analysis.efficiency.prefill_flops``:
-LLaVA-1.5-7B's Llama-2-7B dimensions, which LLaVA-NeXT-Vicuna-7B shares; ``data/configs/qwen2.5-vl-7b.json``)
-divided by the fp32 matmul rate measured on the same device.
+patch (SciPy's BLAS then shares the cores with torch's thread pool). Accuracy against fp64 ``numpy.linalg.svd``:
+max |error| and whether the top-K sets (K = k) are identical. The selection's share of the prefill is its time
+over the **FLOPs-time** of the 7B decoder prefill of that image plus 40 text tokens — decoder prefill FLOPs
+(``analysis.efficiency.prefill_flops``: LLaVA-1.5-7B's Llama-2-7B dimensions, which LLaVA-NeXT-Vicuna-7B shares;
+``data/configs/qwen2.5-vl-7b.json``) divided by the fp32 matmul rate measured on the same device.
 """
 
 from __future__ import annotations

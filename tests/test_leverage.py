@@ -225,6 +225,17 @@ def test_fp64_scale_does_not_matter(scale, method):
     np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["exact", "exact-svd"])
+def test_a_peak_near_the_fp64_maximum_is_scored(method):
+    """A largest entry above 2^1023.5 used to round to the scale 2^1024 = inf, which zeroed the matrix and every
+    score; the scale now stops at 2^1023."""
+    X = clip_like(64, 24, seed=3).astype(np.float64)
+    ref = leverage_scores(X, rank=8, method=method)
+    for peak in (1.5e308, np.finfo(np.float64).max):
+        got = leverage_scores(X / np.abs(X).max() * peak, rank=8, method=method)
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["norm", "divprune", "svd", "pivoted_qr"])
 def test_selectors_are_scale_invariant(method):
     X = clip_like(64, 24, seed=4).astype(np.float64)

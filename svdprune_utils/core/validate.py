@@ -93,7 +93,7 @@ def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:
 
 def unit_scale(t: torch.Tensor) -> torch.Tensor:
     """A new fp64 tensor: each sample of (B, N, d) ``t`` divided by the power of two nearest its largest
-    |entry| (so that entries are O(1)). Scale-invariant quantities (leverage, cosine distances, residual
+    |entry|, at most 2^1023 (so that entries are O(1)). Scale-invariant quantities (leverage, cosine distances, residual
     ratios, rankings by norm) then neither overflow (x² > fp64 max from ~1e155) nor underflow (~1e-160);
     a power of two divides exactly, so inputs of ordinary scale give bit-identical results. All-zero
     samples are left as they are."""
@@ -101,7 +101,9 @@ def unit_scale(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"unit_scale needs a (B, N, d) batch, got shape {tuple(t.shape)}")
     lo, hi = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)  # one pass, no |t| copy
     peak = torch.maximum(-lo, hi).double()[:, None, None]
-    scale = torch.where(peak > 0, torch.exp2(torch.round(torch.log2(peak.clamp_min(1e-300)))), 1.0)
+    # the exponent stops at 1023: a peak above 2^1023.5 would round to 2^1024 = inf and zero every entry
+    exponent = torch.round(torch.log2(peak.clamp_min(1e-300))).clamp_max(1023.0)
+    scale = torch.where(peak > 0, torch.exp2(exponent), 1.0)
     # a copy even for fp64 input (the caller's tensor is never scaled in place); 1/scale is a power of two, so the
     # product is exact, as t / scale
     return t.to(torch.float64, copy=True).mul_(1.0 / scale)
