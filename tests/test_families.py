@@ -48,6 +48,12 @@ def _gen(model, x, n=4, **kw):
     with torch.no_grad():
         return model.generate(**x, max_new_tokens=n, do_sample=False, **kw)
 
+def _same_generation(model, a: dict, b: dict) -> bool:
+    """Greedy generate on ``a`` and ``b`` gives the same tokens and the same logits at every step (tokens alone can
+    agree on a tiny random model while the logits show attended pads)."""
+    ra, rb = (_gen(model, x, return_dict_in_generate=True, output_logits=True) for x in (a, b))
+    return torch.equal(ra.sequences, rb.sequences) and all(torch.equal(p, q) for p, q in zip(ra.logits, rb.logits))
+
 
 def _logits(model, x):
     with torch.no_grad():
@@ -381,7 +387,10 @@ def test_next_budget_per_tile(next_model):
 def test_unsupported_configurations_are_refused_clearly(next_model, qwen_model):
     xq = qwen_inputs(QWEN_ROWS)
     for method in ("cls_attention", "vispruner", "visionzip"):
-        patch_model(qwen_model, method, budget=4)
+        with pytest.raises(ValueError, match="has no CLS token"):
+            patch_model(qwen_model, method, budget=4)
+        patch_model(qwen_model, "svd", budget=4)
+        qwen_model.svdprune.method = method  # a knob set after patching is checked at the call
         with pytest.raises(ValueError, match="has no CLS token"):
             _logits(qwen_model, xq)
     with pytest.raises(ValueError, match="positions in \\('original',\\)"):
@@ -446,11 +455,11 @@ def test_every_pre_llm_method_where_its_signals_exist(request, family, method):
     with the reason: Qwen's tower has no CLS token; LLaVA-NeXT's tokens form no single grid for uniform."""
     model, inputs, image_id = _family(request, family)
     x = inputs()
-    patch_model(model, method, budget=5)
     if family == "qwen" and method in ("cls_attention", "vispruner", "visionzip"):
         with pytest.raises(ValueError, match="has no CLS token"):
-            prune_inputs(model, **x)
+            patch_model(model, method, budget=5)
         return
+    patch_model(model, method, budget=5)
     if family == "next" and method == "uniform":
         with pytest.raises(ValueError, match="one patch grid"):
             prune_inputs(model, **x)
@@ -639,6 +648,57 @@ def test_qwen_with_the_callers_own_position_ids(qwen_model):
     with pytest.raises(ValueError, match="position_ids must be"):
         _logits(qwen_model, dict(x, position_ids=pos[None]))
 
+
+
+# ------------------------------------------------------------------- found by a second user break-it pass
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_generate_without_attention_mask_infers_it_from_the_pad_tokens(request, family):
+    """Unpatched, generate infers a left-padded batch's mask from its pad tokens (pad id 0, no eos). The patch cuts
+    the prompt before transformers would; it must infer the same mask first, not re-pad the pads as real tokens."""
+    model, inputs, _ = _family(request, family)
+    x = inputs()
+    assert (x["attention_mask"] == 0).any() and model.generation_config.pad_token_id == 0
+    no_mask = {k: v for k, v in x.items() if k != "attention_mask"}
+    assert _same_generation(model, no_mask, x)  # transformers' own inference, unpatched
+    patch_model(model, "svd", budget=5)
+    assert _same_generation(model, no_mask, x)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+@pytest.mark.parametrize("kept", [5, 5.0, "0,1,2", torch.tensor(3)])
+def test_kept_that_is_not_a_list_of_index_rows_is_refused_clearly(request, family, kept):
+    model, _, _ = _family(request, family)
+    with pytest.raises(ValueError, match="kept must be a list of 1-D integer index tensors"):
+        patch_model(model, "svd", budget=4, kept=kept)
+
+
+@pytest.mark.parametrize("family", ["next", "qwen"])
+def test_selector_arguments_are_checked_when_the_patch_is_installed(request, family):
+    """A misspelled or invalid selector argument fails at patch_model, also when no call would prune (a budget
+    covering every image, a text-only call), where it used to be silently ignored."""
+    model, _, _ = _family(request, family)
+    with pytest.raises(TypeError, match=r"unknown signal\(s\) \['rnak'\]"):
+        patch_model(model, "svd", budget=10**6, rnak=3)
+    with pytest.raises(ValueError, match="rank must be an int >= 1 or a float in \\(0, 1\\], got -3"):
+        patch_model(model, "svd", budget=1.0, rank=-3)
+    with pytest.raises(ValueError, match="method must be one of"):
+        patch_model(model, "svd", budget=4, solver="qr")
+    if family == "next":  # vispruner reads CLS attention: Qwen refuses the method itself
+        with pytest.raises(ValueError, match="important_ratio must be in"):
+            patch_model(model, "vispruner", budget=4, important_ratio=2.0)
+    patch_model(model, "divprune", budget=4, important_ratio=2.0)  # vispruner's signal: ignored
+    patch_model(model, "svd", budget=4, rank=2, center=True, solver="approx", seed=3)  # valid values pass
+    model.svdprune.selector_kwargs = {"rnak": 3}  # knobs are plain attributes: checked again at every call
+    with pytest.raises(TypeError, match="rnak"):
+        _gen(model, {"input_ids": torch.tensor([[1, 5, 6]])})
+
+
+def test_qwen_refuses_cls_methods_when_patched(qwen_model):
+    """The README's promise: a CLS method on Qwen's tower (no CLS) raises — at patch time, so also when the budget
+    covers every image and nothing would be scored."""
+    for method in ("cls_attention", "vispruner", "visionzip"):
+        with pytest.raises(ValueError, match="has no CLS token"):
+            patch_model(qwen_model, method, budget=10**6)
 
 
 # ------------------------------------------------------------------------------------ FastV, inside the LLM

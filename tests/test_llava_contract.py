@@ -30,6 +30,12 @@ def _gen(model, x, n=4, **kw):
     with torch.no_grad():
         return model.generate(**x, max_new_tokens=n, do_sample=False, **kw)
 
+def _same_generation(model, a: dict, b: dict) -> bool:
+    """Greedy generate on ``a`` and ``b`` gives the same tokens and the same logits at every step (tokens alone can
+    agree on a tiny random model while the logits show attended pads)."""
+    ra, rb = (_gen(model, x, return_dict_in_generate=True, output_logits=True) for x in (a, b))
+    return torch.equal(ra.sequences, rb.sequences) and all(torch.equal(p, q) for p, q in zip(ra.logits, rb.logits))
+
 
 def _solo(x, b, first_image):
     keep = x["attention_mask"][b].bool()
@@ -566,3 +572,25 @@ def test_full_budget_prune_inputs_and_a_too_small_max_length(tiny_llava):
     S = x["input_ids"].shape[1]
     with pytest.raises(ValueError, match=f"Input length of input_ids is {S}, but `max_length` is set to 10"):
         tiny_llava.generate(**x, max_length=10)
+
+
+# ------------------------------------------------------------- found by a second user break-it pass (families)
+@pytest.mark.parametrize("method, positions, images", [("svd", None, 2), ("svd", "original", 1), ("fastv", None, 1)])
+def test_generate_without_attention_mask_infers_it_from_the_pad_tokens(tiny_llava, method, positions, images):
+    """transformers' generate infers a left-padded batch's mask from the pad tokens (pad id 0, no eos); the patch
+    cuts the prompt before it would, so it infers the same mask first. Without that, rows cut by different amounts
+    (1 and 2 images) or given "original" positions had their pads attended."""
+    x = build_llava_inputs([(3, 1, 4), (12, images, 2)])
+    no_mask = {k: v for k, v in x.items() if k != "attention_mask"}
+    assert _same_generation(tiny_llava, no_mask, x)  # unpatched
+    patch_llava(tiny_llava, method=method, budget=16, positions=positions)
+    assert _same_generation(tiny_llava, no_mask, x)
+
+
+def test_bad_kept_and_selector_arguments_are_refused_at_patch_time(tiny_llava):
+    with pytest.raises(ValueError, match=r"kept must be an integer LongTensor \(n_images, K\).*got str"):
+        patch_llava(tiny_llava, "svd", budget=16, kept="0,1,2")
+    with pytest.raises(TypeError, match=r"unknown signal\(s\) \['rnak'\]"):
+        patch_llava(tiny_llava, "svd", budget=N, rnak=3)  # budget N: no call would ever prune
+    with pytest.raises(ValueError, match="rank must be"):
+        patch_llava(tiny_llava, "svd", budget=N, rank=0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .selection import SELECTORS, select_tokens, top_k
 from .validate import as_features, as_signal, check_budget
 
-__all__ = ["Reduction", "REDUCERS", "reduce_tokens", "reduce_visionzip", "visionzip_split"]
+__all__ = ["Reduction", "REDUCERS", "check_signals", "reduce_tokens", "reduce_visionzip", "visionzip_split"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,31 @@ def _params(fn: Callable) -> set[str]:
     return {p for p in inspect.signature(fn).parameters if p not in ("features", "budget")}
 
 
+def _check_names(signals: dict) -> None:
+    known = set().union(*(_params(f) for f in (*SELECTORS.values(), *REDUCERS.values())))
+    unknown = set(signals) - known
+    if unknown:
+        raise TypeError(f"unknown signal(s) {sorted(unknown)}; methods accept {sorted(known)}")
+
+
+def check_signals(method: str, signals: dict) -> None:
+    """Refuse, before any features exist, what :func:`reduce_tokens` would refuse in ``signals`` at a call that
+    prunes (a patch checks its selector arguments when installed, not only when some image exceeds the budget):
+    names no method takes (TypeError), svd's ``rank`` / ``center`` / ``solver`` / ``seed`` (its scorer run on a
+    3×2 matrix, so the rule is :func:`~svdprune_utils.core.leverage.leverage_scores`' own) and vispruner's
+    ``important_ratio`` (ValueError). Values the other methods read are checked at the call."""
+    from .peer_selectors import _check_ratio
+    from .selection import _score_svd
+
+    _check_names(signals)
+    if method == "svd":
+        svd = {k: signals[k] for k in ("rank", "center", "solver", "seed") if k in signals}
+        if svd:
+            _score_svd(torch.eye(3, 2, dtype=torch.float64)[None], budget=1, **svd)
+    if method == "vispruner" and "important_ratio" in signals:
+        _check_ratio(signals["important_ratio"])
+
+
 def reduce_tokens(features: Any, budget: int, method: str = "svd", **signals) -> Reduction:
     """The K output tokens of any method, as a :class:`Reduction` (always batched; B = 1 for 2-D input).
 
@@ -201,10 +226,7 @@ def reduce_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
     """
     if method not in REDUCERS and method not in SELECTORS:
         raise ValueError(f"unknown method {method!r}; selectors: {sorted(SELECTORS)}; merging: {sorted(REDUCERS)}")
-    known = set().union(*(_params(f) for f in (*SELECTORS.values(), *REDUCERS.values())))
-    unknown = set(signals) - known
-    if unknown:
-        raise TypeError(f"unknown signal(s) {sorted(unknown)}; methods accept {sorted(known)}")
+    _check_names(signals)
     fn = REDUCERS.get(method) or SELECTORS[method]
     accepted = {k: v for k, v in signals.items() if k in _params(fn)}
     if method in REDUCERS:

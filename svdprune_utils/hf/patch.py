@@ -48,6 +48,7 @@ caller's prompt; the returned cache can be continued with ``generate(sequences, 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import numbers
 from dataclasses import dataclass, field
@@ -57,13 +58,13 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
-from ..core.reduction import REDUCERS
+from ..core.reduction import REDUCERS, check_signals
 from ..core.selection import SELECTORS
 from ..core.validate import check_budget
 from .families import family_name, family_of
 from .fastv import FastVCall, fastv_pre_hook
 from .inputs import POSITIONS
-from .signals import USER_RELEVANCE
+from .signals import CLS_HEADS, USER_RELEVANCE
 from .prune import (
     CACHE_CUT,
     CACHE_FASTV,
@@ -165,6 +166,9 @@ def _check_family(model, state: PruneState, fam) -> None:
         raise ValueError(f"{given}: per-token signals cannot be given for {name} (its images differ in length); "
                          "cdpruner computes its instruction relevance from the call")
     _check_common(model, state)
+    if state.method in CLS_HEADS and state.kept is None and not fam.has_cls:
+        raise ValueError(f"{state.method} needs the vision tower's CLS attention; {name}'s tower has no CLS token: "
+                         "use a method that does not read it (svd, divprune, cdpruner, ...)")
     if state.kept is not None:
         k = state.kept
         rows = list(k) if isinstance(k, (list, tuple)) or (isinstance(k, torch.Tensor) and k.ndim == 2) else None
@@ -206,6 +210,8 @@ def _check_common(model, state: PruneState) -> None:
     if state.method in IN_LLM and state.selector_kwargs:
         raise ValueError(f"{state.method} takes no selector signals (it reads the LLM's attention); got "
                          f"{sorted(state.selector_kwargs)}")
+    if state.method not in IN_LLM:
+        check_signals(state.method, state.selector_kwargs)  # a typo fails here, not only at a call that prunes
     if state.kept is not None:
         if state.method == "sparsevlm":
             raise ValueError("kept replays one cut, and sparsevlm cuts at several layers: patch with method='fastv' "
@@ -293,6 +299,21 @@ def _restore_prompt(out, prompt: torch.Tensor, pruned_len: int):
     return out
 
 
+def _infer_mask(model, kw: dict) -> None:
+    """``generate`` without an ``attention_mask``: transformers infers one from the pad tokens of ``input_ids``
+    (``GenerationMixin._prepare_attention_mask_for_generation``: pad positions masked when the pad id occurs and is
+    not an eos id) before its first forward. The patch cuts the prompt before that, and a cut row would lose the
+    information (its pads re-padded as real tokens), so the mask is inferred here first, by transformers' own
+    functions on the call's generation config and pad/eos overrides, and passed on."""
+    ids = kw.get("input_ids")
+    if kw.get("attention_mask") is not None or not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        return
+    gc = copy.deepcopy(kw.get("generation_config") or model.generation_config)
+    gc.update(**{k: kw[k] for k in ("pad_token_id", "eos_token_id", "bos_token_id") if kw.get(k) is not None})
+    model._prepare_special_tokens(gc, False, device=ids.device, batch_size=ids.shape[0])
+    kw["attention_mask"] = model._prepare_attention_mask_for_generation(ids, gc, {})
+
+
 def _generate(self, *args, **kwargs):
     state = self.svdprune
     orig = self.generate.orig
@@ -302,6 +323,8 @@ def _generate(self, *args, **kwargs):
         kw["input_ids" if kw.get("inputs_embeds") is None else "inputs"] = kw.pop("inputs")
     gc = kw.get("generation_config") or self.generation_config
     cache = cache_of(kw)
+    if state.method not in IN_LLM:
+        _infer_mask(self, kw)
     if state.method in IN_LLM:
         n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy")) if family_of(self) is None \
             else float("inf")  # images of different lengths: counted per call inside the forward
@@ -405,7 +428,9 @@ def patch_llava(model, method: str = "svd", budget: int = 64, feature: str | Non
     ``model.svdprune.selector_kwargs`` anew before each call). ``attention`` and ``keys`` are computed by the
     patch and refused here.
     Patching a patched model replaces the first patch. Raises TypeError for a non-LLaVA model and
-    ValueError for a bad method, budget, feature, fastv_layer, kept or positions.
+    ValueError for a bad method, budget, feature, fastv_layer, kept or positions; selector_kwargs are checked
+    when patched too (:func:`~svdprune_utils.core.reduction.check_signals`: TypeError for a name no method
+    takes, ValueError for a bad svd rank/solver or vispruner ratio), not only at a call that prunes.
     """
     if not isinstance(model, LlavaForConditionalGeneration) or family_name(model) != "llava":
         name = type(model).__name__
@@ -430,7 +455,7 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     kept tokens keep their 3-D rotary positions (``positions="original"``, the only value);
     ``feature="vision"`` scores the tower's last block output (the four patches of each merged token
     concatenated), ``"projected"`` the merger's output. The tower has no CLS token: cls_attention, vispruner
-    and visionzip raise ValueError at the call.
+    and visionzip raise ValueError when patched.
     For both: FastV cuts inside the LLM as on LLaVA-1.5 (each image keeps the ``budget`` placeholders, LLaVA-NeXT's
     newlines included, most attended by its row's last token at layer K−1; a batch whose rows would keep different
     numbers of tokens raises NotImplementedError: run them one by one); SparseVLM runs its LLaVA-1.5 rules unchanged
@@ -449,8 +474,14 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
 
 def _install(model, method, budget, feature, fastv_layer, kept, positions, scope, newlines, selector_kwargs):
     if kept is not None:
-        kept = (torch.as_tensor(kept).clone() if family_of(model) is None or isinstance(kept, torch.Tensor)
-                else [torch.as_tensor(k).clone() for k in kept])
+        one_tensor = family_of(model) is None or isinstance(kept, torch.Tensor)
+        try:
+            kept = torch.as_tensor(kept).clone() if one_tensor else [torch.as_tensor(k).clone() for k in kept]
+        except (TypeError, ValueError, RuntimeError):
+            want = ("an integer LongTensor (n_images, K)" if family_of(model) is None else
+                    "a list of 1-D integer index tensors, one per image")
+            raise ValueError(f"kept must be {want} (e.g. model.svdprune.kept_indices), got "
+                             f"{type(kept).__name__}") from None
     state = PruneState(method=method, budget=budget, feature=feature, fastv_layer=fastv_layer, positions=positions,
                        selector_kwargs=dict(selector_kwargs), kept=kept, scope=scope, newlines=newlines)
     _check(model, state)

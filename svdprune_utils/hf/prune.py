@@ -434,10 +434,8 @@ def _continued_rotary(record: CutRecord, index: torch.Tensor) -> torch.Tensor:
 
 def _family_select(model, state, kw, img, fam, lay, runs) -> tuple[list, list]:
     """Per image: kept offsets into its placeholder run (ascending) and the features the LLM receives there
-    (``runs``: :func:`image_runs` of the call)."""
-    if state.method in CLS_HEADS and state.kept is None and not fam.has_cls:
-        raise ValueError(f"{state.method} needs the vision tower's CLS attention; {type(model).__name__}'s tower "
-                         "has no CLS token: use a method that does not read it (svd, divprune, cdpruner, ...)")
+    (``runs``: :func:`image_runs` of the call). CLS methods on a tower without CLS are refused by the patch's
+    checks (``patch._check_family``, at patch time and every call)."""
     layer = feature_layer(model, kw.get("vision_feature_layer")) if fam.has_cls else None
     box = {}
     out = _image_outputs(model, state, kw, layer, box, lambda: fam.encode(model, kw, layer))
