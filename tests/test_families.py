@@ -863,3 +863,8 @@ def test_sparsevlm_schedule_follows_the_images_placeholder_count():
     stage = [max((j for j, c in enumerate(sched.cuts) if c <= i), default=None) for i in range(6)]
     want = [text + (n if s is None else sched.counts[s]) for s in stage]
     assert seen == want
+
+
+def test_unpatching_something_that_is_not_a_model_says_so():
+    with pytest.raises(TypeError, match="unpatch needs the patched model"):
+        unpatch_model(None)

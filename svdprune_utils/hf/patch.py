@@ -461,7 +461,8 @@ def patch_model(model, method: str = "svd", budget: int = 64, feature: str | Non
     numbers of tokens raises NotImplementedError: run them one by one); SparseVLM runs its LLaVA-1.5 rules unchanged
     (schedule for the image's placeholder count, gravity from the layer's own rotary cos/sin) when every image of
     the call has the same number of placeholders (else NotImplementedError) — not an official variant for these
-    families; ``kept`` and ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of offsets per image;
+    families; ``kept`` and ``model.svdprune.kept_indices`` are lists with one 1-D LongTensor of offsets per image
+    (with ``kept`` given, each image keeps its own list, whatever ``budget`` says);
     videos are refused.
     Rules and layouts: :mod:`svdprune_utils.hf.families`.
     """
@@ -537,6 +538,8 @@ class _LayerHook:
 
 def unpatch_llava(model):
     """Remove the patch (hooks and bound methods) and ``model.svdprune``; a no-op if unpatched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unpatch needs the patched model (a torch.nn.Module), got {type(model).__name__}")
     state = model.__dict__.get("svdprune")
     if state is None:
         return model
