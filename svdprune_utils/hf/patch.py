@@ -118,6 +118,7 @@ class PruneState:
     _fastv_prompt: tuple | None = field(default=None, repr=False)  # (stages, P) of a no-cache generate
     _n: int = field(default=0, repr=False)  # tokens per image of the current FastV call
     _last_index: torch.Tensor | None = field(default=None, repr=False)  # (B, L) caller columns of the last cut
+    _signals_checked: tuple | None = field(default=None, repr=False)  # the (method, selector_kwargs) last checked
     scope: str = "image"
     newlines: str = "drop"
 
@@ -210,8 +211,12 @@ def _check_common(model, state: PruneState) -> None:
     if state.method in IN_LLM and state.selector_kwargs:
         raise ValueError(f"{state.method} takes no selector signals (it reads the LLM's attention); got "
                          f"{sorted(state.selector_kwargs)}")
-    if state.method not in IN_LLM:
-        check_signals(state.method, state.selector_kwargs)  # a typo fails here, not only at a call that prunes
+    if state.method not in IN_LLM:  # a typo fails here, not only at a call that prunes
+        key = (state.method, tuple((k, type(v), v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
+                                   for k, v in sorted(state.selector_kwargs.items())))
+        if key != state._signals_checked:  # once per setting, not at every decode step
+            check_signals(state.method, state.selector_kwargs)
+            state._signals_checked = key
     if state.kept is not None:
         if state.method == "sparsevlm":
             raise ValueError("kept replays one cut, and sparsevlm cuts at several layers: patch with method='fastv' "
@@ -323,8 +328,6 @@ def _generate(self, *args, **kwargs):
         kw["input_ids" if kw.get("inputs_embeds") is None else "inputs"] = kw.pop("inputs")
     gc = kw.get("generation_config") or self.generation_config
     cache = cache_of(kw)
-    if state.method not in IN_LLM:
-        _infer_mask(self, kw)
     if state.method in IN_LLM:
         n_full = tokens_per_image(self, kw.get("vision_feature_select_strategy")) if family_of(self) is None \
             else float("inf")  # images of different lengths: counted per call inside the forward
@@ -340,6 +343,7 @@ def _generate(self, *args, **kwargs):
             return orig(**kw)
         finally:
             state._in_generate, state._fastv_prompt = False, None
+    _infer_mask(self, kw)
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     pruned = prune_call(self, state, kw, past)
     if pruned is None:
