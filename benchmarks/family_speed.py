@@ -24,8 +24,8 @@ import sys
 
 import torch
 
-from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, device_name, prefill_table,
-                                                report_table)
+from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, check_methods, device_name,
+                                                prefill_table, report_table)
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -79,7 +79,11 @@ def make_inputs(model, image: tuple, n_text: int, device, dtype, seed: int) -> t
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     H, W = image
-    text = torch.randint(3, 1000, (n_text,), generator=g)
+    vocab = cfg.text_config.vocab_size
+    special = {getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                 "vision_end_token_id", "vision_token_id")}
+    pool = torch.tensor([t for t in range(3, min(1000, vocab)) if t not in special])  # plain text ids, any vocab
+    text = pool[torch.randint(len(pool), (n_text,), generator=g)]
     if family_name(model) == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -130,6 +134,10 @@ def main(argv=None) -> int:
     model = build(args, device, dtype)
     inputs, shape = make_inputs(model, image, args.text_tokens, device, dtype, args.seed)
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    try:  # e.g. fastv on a decoder cut to fewer than 3 layers: one line, before any timing
+        check_methods(model, args.methods.split(","), budgets + [n_img])
+    except ValueError as e:
+        p.error(str(e))
     df = prefill_table(model, inputs, args.methods.split(","), budgets + [n_img], repeats=args.repeats,
                        overhead_budget=args.overhead_budget, selection_shape=shape)
     name = device_name(device)

@@ -18,6 +18,7 @@ Prints a markdown table; ``--out`` also writes it (and a CSV next to it).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -25,8 +26,8 @@ import pandas as pd
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, device_name, prefill_table,
-                                                report_table)
+from svdprune_utils.analysis.efficiency import (add_prefill_arguments, bench_dtype, check_methods, device_name,
+                                                prefill_table, report_table)
 from svdprune_utils.testbed.tiny import auto_device
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,6 +37,9 @@ def load_config(name: str) -> LlavaConfig:
     path = pathlib.Path(name) if name.endswith(".json") else REPO / "data" / "configs" / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"config not found: {path}")
+    kind = json.loads(path.read_text()).get("model_type")
+    if kind != "llava":
+        raise SystemExit(f"{path}: model_type {kind!r} is not 'llava' (LLaVA-NeXT, Qwen2.5-VL: family_speed.py)")
     return LlavaConfig.from_json_file(str(path))
 
 
@@ -74,12 +78,18 @@ def make_inputs(model, n_text: int, device, dtype, seed: int) -> dict:
     }
 
 
-def run(args) -> pd.DataFrame:
+def run(args, parser=None) -> pd.DataFrame:
     device = auto_device(args.device)
     dtype = bench_dtype(args.dtype, device)
     model = build_model(args, device, dtype)
     inputs = make_inputs(model, args.text_tokens, device, dtype, args.seed)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+        check_methods(model, args.methods.split(","), budgets)  # e.g. fastv on < 3 decoder layers: before timing
+    except ValueError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
     return prefill_table(model, inputs, args.methods.split(","), budgets, repeats=args.repeats,
                          overhead_budget=args.overhead_budget)
 
@@ -96,7 +106,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.text_layers is not None and not args.random_weights:
         p.error("--text-layers truncates a --random-weights model; it cannot apply to --model")
-    df = run(args)
+    df = run(args, p)
     model_name = args.model or args.config + " (random weights" + (
         f", first {args.text_layers} decoder layers)" if args.text_layers else ")")
     header = f"device: {device_name(auto_device(args.device))}; model: {model_name}; torch {torch.__version__}\n\n"

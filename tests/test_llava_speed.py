@@ -66,3 +66,20 @@ def test_text_layers_truncates_the_decoder(tmp_path):
 def test_shipped_7b_config_loads():
     cfg = _script().load_config("llava-1.5-7b")
     assert cfg.text_config.num_hidden_layers == 32 and cfg.vision_config.image_size == 336
+
+
+def test_refusals_before_any_timing(tmp_path, capsys):
+    import pytest
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    mod = _script()
+    with pytest.raises(SystemExit) as e:  # FastV cuts after layer 2: a decoder cut to 2 layers cannot run it
+        mod.main(["--random-weights", "--config", str(cfg), "--text-layers", "2", "--methods", "svd,fastv",
+                  "--budgets", "16", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "method 'fastv' at budget 16: fastv_layer must be in [1, 1], got 2" in capsys.readouterr().err
+    other = tmp_path / "next.json"
+    other.write_text(json.dumps(dict(TINY, model_type="llava_next")))
+    with pytest.raises(SystemExit, match="model_type 'llava_next' is not 'llava'"):
+        mod.main(["--random-weights", "--config", str(other), "--device", "cpu"])

@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "text_config", "llm_tokens", "budget_table", "equal_flops_budget", "prefill_flops",
     "kv_cache_bytes", "cache_bytes", "measure_prefill", "measure_generate",
-    "synchronize", "time_call", "selection_time", "prefill_table",
+    "synchronize", "time_call", "selection_time", "check_methods", "prefill_table",
 ]
 
 
@@ -330,6 +330,22 @@ def selection_time(method: str, n: int, d: int, budget: int, device="cpu", repea
     return statistics.median(time_call(lambda: select_tokens(feats, budget, method, **signals), device, repeats, 1))
 
 
+def check_methods(model, methods, budgets, fastv_layer: int = 2) -> None:
+    """Patch and unpatch ``model`` once per (method, budget): what this model cannot run (an unknown method, FastV
+    on a decoder of fewer than ``fastv_layer`` + 1 layers, a CLS method on a tower without CLS...) raises the
+    patch's ValueError before any timing starts."""
+    from ..hf.patch import patch_model, unpatch_model
+
+    for method in methods:
+        for budget in budgets:
+            try:
+                patch_model(model, method=method, budget=budget, fastv_layer=fastv_layer)
+            except ValueError as e:
+                raise ValueError(f"method {method!r} at budget {budget}: {e}") from None
+            finally:
+                unpatch_model(model)
+
+
 def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv_layer: int = 2,
                   overhead_budget: int = 64, progress: bool = True, selection_shape: tuple | None = None):
     """Measured prefill latency per (method, budget) next to the FLOPs model, as a DataFrame.
@@ -366,6 +382,8 @@ def prefill_table(model, inputs: dict, methods, budgets, repeats: int = 5, fastv
     jobs = list(dict.fromkeys(jobs))
     base_job = next((j for j in jobs if j[1] == n_img), ("svd", n_img))
     timed = jobs if base_job in jobs else jobs + [base_job]  # no unpruned run asked for: add one
+    for method, budget in timed:  # before any timing
+        check_methods(model, [method], [budget], fastv_layer)
 
     def once(method, budget):
         patch_model(model, method=method, budget=budget, fastv_layer=fastv_layer)
