@@ -24,3 +24,24 @@ def clip_like(N, d, seed=0, dtype=np.float32):
 def reference_leverage(X, k):
     U, _, _ = np.linalg.svd(np.asarray(X, dtype=np.float64), full_matrices=False)
     return (U[:, :k] ** 2).sum(axis=1)
+
+
+def kept_rows_reference(model, hidden, rows, attention_mask, start, positions, position_ids):
+    """A hand-built run of a cut inside the language model (FastV's), from transformers' own parts: the decoder's
+    input at layer ``start`` (``hidden``, (B, L, h), e.g. captured by a pre-hook) kept at the columns ``rows``
+    (B, n, ascending), causal among the kept columns in their original order with padding masked, rotary embeddings
+    at ``positions``, each later layer called with ``position_ids``, then the final norm and head.
+    Returns (logits (B, n, vocab), real (B, n): the kept columns that are not padding)."""
+    import torch
+
+    lm = model.model.language_model
+    hid = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+    real = attention_mask.gather(1, rows).bool()
+    allowed = (rows[:, None, :] <= rows[:, :, None]) & real[:, None, :]
+    mask = torch.where(allowed, 0.0, torch.finfo(hid.dtype).min)[:, None]
+    pe = lm.rotary_emb(hid, positions)
+    with torch.no_grad():
+        for layer in lm.layers[start:]:
+            hid = layer(hid, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+            hid = hid[0] if isinstance(hid, tuple) else hid
+        return model.lm_head(lm.norm(hid)), real

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (IMAGE_TOKEN_ID, QWEN_IDS, build_tiny_llava_next, build_tiny_qwen, next_inputs, qwen_inputs,
                       second_turn)
+from helpers import kept_rows_reference
 
 from svdprune_utils import select_tokens
 from svdprune_utils.hf.patch import patch_llava, patch_model, prune_inputs, unpatch_model
@@ -744,23 +745,15 @@ def test_fastv_on_other_families_equals_a_hand_built_run(request, family):
         assert torch.equal(kept[b], ref_kept)
         rows.append(torch.cat([(~img[b]).nonzero().flatten(), run[ref_kept]]).sort().values)
     rows = torch.stack(rows)
-    hid = box[0].gather(1, rows[..., None].expand(-1, -1, box[0].shape[-1]))
-    real = x["attention_mask"].gather(1, rows).bool()
-    allowed = (rows[:, None, :] <= rows[:, :, None]) & real[:, None, :]
-    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
     if family == "qwen":
         full, _ = model.model.get_rope_index(x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
                                              image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
         pos = full.gather(2, rows[None].expand(3, -1, -1))
-        pe, pid = lm.rotary_emb(hid, pos), None
+        pid = None
     else:
         pos = (x["attention_mask"].cumsum(-1) - 1).clamp_min(0).gather(1, rows)
-        pe, pid = lm.rotary_emb(hid, pos), pos
-    with torch.no_grad():
-        for layer in lm.layers[K:]:
-            hid = layer(hid, attention_mask=mask, position_ids=pid, position_embeddings=pe)
-            hid = hid[0] if isinstance(hid, tuple) else hid
-        ref = model.lm_head(lm.norm(hid))
+        pid = pos
+    ref, real = kept_rows_reference(model, box[0], rows, x["attention_mask"], K, pos, pid)
     assert got.shape == ref.shape
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
 

@@ -17,6 +17,7 @@ from conftest import (
     kept_per_image,
     second_turn,
 )
+from helpers import kept_rows_reference
 from transformers import GenerationConfig
 
 from svdprune_utils.hf.attention import capture_attention
@@ -354,17 +355,7 @@ def test_fastv_equals_a_hand_built_pruned_run():
     img = x["input_ids"] == IMAGE_TOKEN_ID
     start = img.int().argmax(1)
     rows = torch.sort(torch.cat([(~img).nonzero()[:, 1].view(2, -1), start[:, None] + kept], 1), 1).values
-    lm = model.model.language_model
-    hid = box[0].gather(1, rows[..., None].expand(-1, -1, box[0].shape[-1]))
-    real = x["attention_mask"].gather(1, rows).bool()
-    allowed = (rows[:, None, :] <= rows[:, :, None]) & real[:, None, :]
-    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
-    pe = lm.rotary_emb(hid, rows)
-    with torch.no_grad():
-        for layer in lm.layers[K:]:
-            hid = layer(hid, attention_mask=mask, position_ids=rows, position_embeddings=pe)
-            hid = hid[0] if isinstance(hid, tuple) else hid
-        ref = model.lm_head(lm.norm(hid))
+    ref, real = kept_rows_reference(model, box[0], rows, x["attention_mask"], K, rows, rows)
     assert got.shape == ref.shape
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
 
