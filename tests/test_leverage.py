@@ -272,6 +272,42 @@ def test_top_k_path_equals_the_full_spectrum_in_fp64(shape, k):
     np.testing.assert_allclose(leverage_scores(X, k).numpy(), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(90, 300), (300, 90)])  # blocks of columns (X Xᵀ) and of rows (Xᵀ X)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("center", [False, True])
+def test_top_k_path_reads_blocks_of_any_dtype_as_unit_scale_and_centring_would(monkeypatch, shape, dtype, center):
+    """The top-k path converts X to fp64 a block at a time instead of copying the whole of it (unit_scale): with blocks
+    of 37 rows or columns (the last one partial) and a strided view, each dtype and centring give the eigenpairs of
+    the full fp64 Gram eigh of the scaled (centred) copy."""
+    from svdprune_utils.core import leverage as L
+
+    monkeypatch.setattr(L, "BLOCK_BYTES", 8 * 37 * max(shape))
+    g = torch.Generator().manual_seed(3)
+    X = (torch.randn(2, *shape, generator=g, dtype=torch.float64) * 100.0 + 40.0).to(dtype)
+    W = L.unit_scale(X)
+    if center:
+        W = W - W.mean(dim=1, keepdim=True)
+    full_sig, full_usq = L._exact_gram(W)
+    strided = X.transpose(1, 2).contiguous().transpose(1, 2)
+    for T in (X, strided):
+        sig, usq = L._exact_topk(T, 7, 1e-6, center)
+        torch.testing.assert_close(sig, full_sig[:, :7], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(usq.sum(-1), full_usq[..., :7].sum(-1), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(90, 300), (300, 90)])
+def test_top_k_path_is_scale_invariant_to_the_ends_of_fp64(shape):
+    """The blocks are scaled by unit_scale's power of two: a matrix scaled by 1e-200 or 1e300, or with its peak at the
+    fp64 maximum, scores as the unscaled one."""
+    from svdprune_utils.core import leverage as L
+
+    X = clip_like(*shape, seed=9).astype(np.float64)
+    ref = L._exact_topk(torch.tensor(X)[None], 8, 1e-6)[1].sum(-1)
+    for Y in (X * 1e-200, X * 1e300, X / np.abs(X).max() * np.finfo(np.float64).max):
+        got = L._exact_topk(torch.tensor(Y)[None], 8, 1e-6)[1].sum(-1)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+
+
 def test_top_k_path_falls_back_when_the_numerical_rank_is_below_k():
     from svdprune_utils.core import leverage as L
 
@@ -299,9 +335,12 @@ def test_large_matrices_take_the_top_k_path_and_match_fp64(monkeypatch):
         np.testing.assert_allclose(got, ref, atol=1e-6)
         assert set(np.argsort(-got, kind="stable")[:64]) == set(np.argsort(-ref, kind="stable")[:64])
     assert calls == [(1, 1100, 1024)] * 2
+    Xc = X + 0.5  # centring on the top-k path: the scores of the centred matrix
+    np.testing.assert_allclose(leverage_scores(Xc, 16, center=True), reference_leverage(X - X.mean(0), 16), atol=1e-6)
+    assert len(calls) == 3
     leverage_scores(clip_like(1100, 1000, seed=3), 16)  # min(N, d) = 1000 < 1024: the full eigh
     leverage_scores(X, 400)  # k > m / 3: the full eigh
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300)])  # both orientations of the smaller Gram side

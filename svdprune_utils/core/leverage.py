@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .validate import as_features, restore_kind, unit_scale
+from .validate import as_features, restore_kind, unit_scale, unit_scale_factors
 
 __all__ = ["leverage_scores", "numerical_rank", "resolve_rank", "METHODS"]
 
@@ -103,34 +103,85 @@ def _exact_gram(X: torch.Tensor, kmax: int | None = None) -> tuple[torch.Tensor,
 # Qwen2.5-VL sizes").
 PARTIAL_MAX = 1.0 / 3.0
 PARTIAL_MIN_DIM = 1024
+# The top-k path reads X in blocks of rows (N > d) or columns (N <= d) of about this many fp64 bytes, converted into
+# one reused buffer: the full fp64 copy of X (84 MB at 8192x1280) is never made.
+BLOCK_BYTES = 4 << 20
 
 
-def _exact_topk(X: torch.Tensor, k: int, rtol: float):
+def _takes_top_k(T: torch.Tensor, rank: Any) -> bool:
+    """Whether ``leverage_scores(method="exact")`` runs :func:`_exact_topk` for the (B, N, d) batch ``T``."""
+    int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
+    m = min(T.shape[1:])
+    return int_rank and T.device.type == "cpu" and m >= PARTIAL_MIN_DIM and int(rank) <= PARTIAL_MAX * m
+
+
+def _fill(buf: np.ndarray, src: torch.Tensor, inv: float) -> np.ndarray:
+    """``buf`` <- ``src`` (a CPU block of any floating dtype) in fp64, times ``inv``: the block of ``unit_scale``'s
+    copy (``inv`` is a power of two, so the product is exact)."""
+    if src.dtype == torch.bfloat16:  # numpy has no bfloat16
+        torch.from_numpy(buf).copy_(src)
+        buf *= inv
+    else:
+        np.multiply(src.numpy(), inv, out=buf, dtype=np.float64)
+    return buf
+
+
+def _exact_topk(T: torch.Tensor, k: int, rtol: float, center: bool = False):
     """The fp64 Gram matrix's top-k eigenpairs only (LAPACK's MRRR, ``scipy.linalg.eigh(subset_by_index=...,
-    driver="evr")``: the tridiagonal reduction, then k eigenvectors instead of all m): (sigma (B, k) descending,
-    U_k² (B, N, k)), or None when some sample's numerical rank is below k (σ_k <= rtol·σ_1: the full spectrum is
-    needed to count it; the caller falls back to :func:`_exact_gram`). CPU tensors only."""
+    driver="evr")``: the tridiagonal reduction, then k eigenvectors instead of all m), of each sample of the CPU batch
+    ``T`` (B, N, d) scaled as :func:`unit_scale` scales it (and centred over the tokens with ``center``): (sigma (B, k)
+    descending, U_k² (B, N, k)), or None when some sample's numerical rank is below k (σ_k <= rtol·σ_1: the full
+    spectrum is needed to count it; the caller falls back to :func:`_exact_gram`).
+
+    ``T`` is read a block at a time (:data:`BLOCK_BYTES`) into one fp64 buffer and the Gram matrix accumulates block
+    by block through BLAS's symmetric rank-k update (``dsyrk``: its upper triangle only, half the flops of a GEMM)."""
     import scipy.linalg
     from scipy.linalg import blas
 
-    B, N, d = X.shape
+    B, N, d = T.shape
     m = min(N, d)
+    tall = N > d  # Gram Xᵀ X (d x d) from blocks of rows; else X Xᵀ (N x N) from blocks of columns
+    inv = unit_scale_factors(T).tolist()
+    width = d if tall else N
+    step = max(1, min(N if tall else d, BLOCK_BYTES // (8 * width)))
+    flat = np.empty(step * width)
     sig, usq = [], []
     for b in range(B):
-        # The Gram matrix's upper triangle by BLAS's symmetric rank-k update: half the flops of a GEMM. Xᵀ is
-        # Fortran-ordered, so no copy: trans=0 gives Xᵀ X (N > d), trans=1 gives X Xᵀ (N <= d).
-        At = X[b].contiguous().numpy().T
-        G = blas.dsyrk(1.0, At, trans=0 if N > d else 1)
+        blocks = [slice(s, min(s + step, N if tall else d)) for s in range(0, N if tall else d, step)]
+
+        def block(sl):
+            n = sl.stop - sl.start
+            if tall:
+                return _fill(flat[: n * d].reshape(n, d), T[b, sl], inv[b])
+            return _fill(flat[: N * n].reshape(N, n), T[b, :, sl], inv[b])
+
+        mu = None
+        if center and tall:  # the token mean needs every row before the first centred block
+            mu = sum(block(sl).sum(axis=0) for sl in blocks) / N
+        G = None
+        for sl in blocks:
+            blk = block(sl)
+            if center:
+                blk -= mu if tall else blk.mean(axis=0)
+            # blkᵀ is Fortran-ordered, so no copy: trans=0 gives blkᵀ blk (rows), trans=1 gives blk blkᵀ (columns)
+            G = blas.dsyrk(1.0, blk.T, beta=0.0 if G is None else 1.0, c=G, trans=0 if tall else 1,
+                           overwrite_c=G is not None)
         lam, W = scipy.linalg.eigh(G, lower=False, subset_by_index=[m - k, m - 1], driver="evr",
                                    overwrite_a=True, check_finite=False)
-        lam, W = lam[::-1].clip(min=0), torch.from_numpy(W[:, ::-1].copy())
+        lam, W = lam[::-1].clip(min=0), np.asfortranarray(W[:, ::-1])
         if not lam[-1] > (rtol * np.sqrt(lam[0])) ** 2:
             return None
-        sigma = torch.from_numpy(np.sqrt(lam).copy())
-        if N > d:  # U_k = X V_k / σ_k
-            W = (X[b] @ W) / sigma
-        sig.append(sigma)
-        usq.append(W**2)
+        sigma = np.sqrt(lam)
+        if tall:  # U_k = X V_k / σ_k, a block of rows at a time
+            U = np.empty((N, k))
+            for sl in blocks:
+                blk = block(sl)
+                if center:
+                    blk -= mu
+                U[sl] = blas.dgemm(1.0, blk.T, W, trans_a=1)
+            W = U / sigma
+        sig.append(torch.from_numpy(sigma.copy()))
+        usq.append(torch.from_numpy(np.square(W)))
     return torch.stack(sig), torch.stack(usq)
 
 
@@ -185,32 +236,33 @@ def leverage_scores(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     T, was_numpy, batched = as_features(X, "X")
     in_dtype = T.dtype
-    # fp64 maths whatever the input: bf16/fp16 linalg is unsupported on CPU and fp32 Gram is too coarse.
-    work = unit_scale(T)  # leverage is scale-invariant: O(1) entries keep the Gram matrix finite and exact
-    if center:
-        work = work - work.mean(dim=1, keepdim=True)
-    if method == "approx" and in_dtype != torch.float64:
-        work = work.float()
-    N, d = work.shape[1:]
+    N, d = T.shape[1:]
     rtol = _rtol((N, d), in_dtype, method)
-
-    if method == "approx":
-        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
-            raise ValueError("method='approx' needs an int rank (the energy rule needs the full spectrum; "
-                             "use method='exact')")
-        if rank < 1:
-            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank}")
-        sigma, usq = _approx(work, min(int(rank), N, d), seed, oversample, niter)
-    elif method == "exact-svd":
-        sigma, usq = _exact_svd(work)
+    # fp64 maths whatever the input: bf16/fp16 linalg is unsupported on CPU and fp32 Gram is too coarse. Leverage is
+    # scale-invariant: each sample is scaled to O(1) entries (unit_scale), which keeps the Gram matrix finite and exact.
+    top = None
+    if method == "exact" and _takes_top_k(T, rank):  # reads T block by block (no fp64 copy of the whole of it)
+        top = _exact_topk(T, int(rank), rtol, center)
+    if top is not None:
+        sigma, usq = top
     else:
-        top = None
-        int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
-        m = min(N, d)
-        if int_rank and work.device.type == "cpu" and m >= PARTIAL_MIN_DIM and int(rank) <= PARTIAL_MAX * m:
-            top = _exact_topk(work, int(rank), rtol)
-        # an int rank never uses more than k columns of U: the rest are not formed
-        sigma, usq = top if top is not None else _exact_gram(work, int(rank) if int_rank else None)
+        work = unit_scale(T)
+        if center:
+            work = work - work.mean(dim=1, keepdim=True)
+        if method == "approx":
+            if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+                raise ValueError("method='approx' needs an int rank (the energy rule needs the full spectrum; "
+                                 "use method='exact')")
+            if rank < 1:
+                raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank}")
+            work = work if in_dtype == torch.float64 else work.float()
+            sigma, usq = _approx(work, min(int(rank), N, d), seed, oversample, niter)
+        elif method == "exact-svd":
+            sigma, usq = _exact_svd(work)
+        else:
+            int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
+            # an int rank never uses more than k columns of U: the rest are not formed
+            sigma, usq = _exact_gram(work, int(rank) if int_rank else None)
 
     k = resolve_rank(rank, sigma, numerical_rank(sigma, rtol))
     cols = torch.arange(usq.shape[2], device=usq.device)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_features", "as_signal", "check_budget", "restore_kind", "unit_scale"]
+__all__ = ["as_features", "as_signal", "check_budget", "restore_kind", "unit_scale", "unit_scale_factors"]
 
 
 def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool, bool]:
@@ -91,19 +91,25 @@ def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:
     return t.cpu().numpy() if was_numpy else t
 
 
+def unit_scale_factors(t: torch.Tensor) -> torch.Tensor:
+    """The (B,) fp64 factors :func:`unit_scale` multiplies each sample of (B, N, d) ``t`` by: 1 / the power of two
+    nearest its largest |entry|, at most 2^1023 (1 for an all-zero sample). One pass over ``t``."""
+    if t.ndim != 3:
+        raise ValueError(f"unit_scale needs a (B, N, d) batch, got shape {tuple(t.shape)}")
+    lo, hi = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)  # one pass, no |t| copy
+    peak = torch.maximum(-lo, hi).double()
+    # the exponent stops at 1023: a peak above 2^1023.5 would round to 2^1024 = inf and zero every entry
+    exponent = torch.round(torch.log2(peak.clamp_min(1e-300))).clamp_max(1023.0)
+    return torch.where(peak > 0, torch.exp2(-exponent), 1.0)
+
+
 def unit_scale(t: torch.Tensor) -> torch.Tensor:
     """A new fp64 tensor: each sample of (B, N, d) ``t`` divided by the power of two nearest its largest
     |entry|, at most 2^1023 (so that entries are O(1)). Scale-invariant quantities (leverage, cosine distances, residual
     ratios, rankings by norm) then neither overflow (x² > fp64 max from ~1e155) nor underflow (~1e-160);
     a power of two divides exactly, so inputs of ordinary scale give bit-identical results. All-zero
     samples are left as they are."""
-    if t.ndim != 3:
-        raise ValueError(f"unit_scale needs a (B, N, d) batch, got shape {tuple(t.shape)}")
-    lo, hi = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)  # one pass, no |t| copy
-    peak = torch.maximum(-lo, hi).double()[:, None, None]
-    # the exponent stops at 1023: a peak above 2^1023.5 would round to 2^1024 = inf and zero every entry
-    exponent = torch.round(torch.log2(peak.clamp_min(1e-300))).clamp_max(1023.0)
-    scale = torch.where(peak > 0, torch.exp2(exponent), 1.0)
-    # a copy even for fp64 input (the caller's tensor is never scaled in place); 1/scale is a power of two, so the
-    # product is exact, as t / scale
-    return t.to(torch.float64, copy=True).mul_(1.0 / scale)
+    inv = unit_scale_factors(t)[:, None, None]
+    # a copy even for fp64 input (the caller's tensor is never scaled in place); the factor is a power of two, so the
+    # product is exact
+    return t.to(torch.float64, copy=True).mul_(inv)
