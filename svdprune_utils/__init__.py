@@ -30,7 +30,7 @@ from .core.metrics import (
     spatial_stats,
 )
 from .core.peer_selectors import cdpruner_relevance
-from .core.reduction import REDUCERS, Reduction, reduce_tokens, reduce_visionzip
+from .core.reduction import REDUCERS, Reduction, reduce_tokens, reduce_visionzip, visionzip_split
 from .core.selection import FEATURE_DEFAULTS, SCORE_BASED, SELECTORS, register, score_tokens, select_tokens, top_k
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "top_k",
     "reduce_tokens",
     "reduce_visionzip",
+    "visionzip_split",
     "Reduction",
     "REDUCERS",
     "cdpruner_relevance",

@@ -194,11 +194,27 @@ def test_approx_is_seeded_close_to_exact_and_leaves_global_rng_alone():
         (np.ones((2, 2, 2, 2), np.float32), r"shape \(2, 2, 2, 2\)"),
         (np.ones((0, 4), np.float32), "empty"),
         ([[1.0, 2.0]], "numpy.ndarray"),
+        (np.ones((3, 4), np.longdouble), "float16, float32 or float64"),
+        (torch.eye(4).to_sparse(), "dense"),
     ],
 )
 def test_bad_input_names_the_problem(X, match):
     with pytest.raises(ValueError, match=match):
         leverage_scores(X, rank=1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"oversample": -1}, "oversample"), ({"oversample": -5}, "oversample"), ({"oversample": 1.5}, "oversample"),
+    ({"niter": -1}, "niter"), ({"niter": 1.5}, "niter"), ({"seed": 1.5}, "seed"), ({"seed": "a"}, "seed"),
+    ({"seed": None}, "seed"), ({"seed": True}, "seed"), ({"center": "no"}, "center"), ({"center": 1}, "center"),
+    ({"return_rank": "no"}, "return_rank"),
+])
+@pytest.mark.parametrize("method", ["exact", "approx"])
+def test_bad_options_name_the_problem(kwargs, match, method):
+    """A negative oversample used to shrink q below k silently (scores summing to 2 at rank 3, or all zeros), a
+    negative niter ran, float seeds were truncated and the string "no" switched centring on."""
+    with pytest.raises(ValueError, match=match):
+        leverage_scores(clip_like(30, 12), rank=3, method=method, **kwargs)
 
 
 def test_non_finite_input_names_the_count():

@@ -166,3 +166,24 @@ def test_redundancy_hand_computed_and_against_sklearn():
     for bad in ([1], [], [1, 1]):
         with pytest.raises(ValueError):
             redundancy(X, bad)
+
+
+@pytest.mark.parametrize("K", [2.0, True, -1, "3", None])
+def test_optimal_residual_needs_an_integer_k(K):
+    with pytest.raises(ValueError, match="K must be an integer >= 0"):
+        optimal_residual(clip_like(20, 6), K)
+
+
+@pytest.mark.parametrize("grid", [(-4, -4), 16, (4, 4, 1), (4.0, 4.0), (0, 4)])
+def test_grid_arguments_name_the_problem(grid):
+    """A negative grid used to give negative mean rows, an int grid a TypeError, (0, 4) an error about kept."""
+    with pytest.raises(ValueError, match="grid must be a pair of integers"):
+        positional_bias(torch.rand(16), K=4, grid=grid)
+    with pytest.raises(ValueError, match="grid must be a pair of integers"):
+        spatial_stats(torch.tensor([0, 5]), grid=grid)
+
+
+@pytest.mark.parametrize("scores", [torch.rand(16, dtype=torch.complex64), torch.rand(16) > 0.5, ["a"] * 16])
+def test_positional_bias_needs_real_scores(scores):
+    with pytest.raises(ValueError, match="real numbers"):
+        positional_bias(scores, K=4)

@@ -442,3 +442,17 @@ def test_reduction_in_raster_order_permutes_features_and_sources_alike():
             assert torch.equal(out.features[b, j], by_position[p][0]) and torch.equal(out.sources[b, j], by_position[p][1])
     sel = Reduction.from_kept(torch.tensor([[4, 1, 7]]), 9).in_raster_order()
     assert sel.kept.tolist() == [[1, 4, 7]] and sel.features is None and sel.sources[0].nonzero()[:, 1].tolist() == [1, 4, 7]
+
+
+@pytest.mark.parametrize("budget", [40, 100])
+def test_visionzip_checks_its_signals_when_the_budget_keeps_every_token(budget):
+    import svdprune_utils as sp
+
+    X = torch.randn(40, 8)
+    with pytest.raises(ValueError, match="attention"):
+        sp.reduce_tokens(X, budget, "visionzip", keys=torch.randn(40, 4))
+    with pytest.raises(ValueError, match="keys"):
+        sp.reduce_tokens(X, budget, "visionzip", attention=torch.rand(40), keys=torch.randn(39, 4))
+    full = sp.reduce_tokens(X, budget, "visionzip", attention=torch.rand(40), keys=torch.randn(40, 4))
+    assert full.features is None and torch.equal(full.kept[0], torch.arange(40))
+    assert sp.visionzip_split(64) == (54, 10)  # named in the README as sp.visionzip_split

@@ -130,6 +130,38 @@ def test_missing_or_misshaped_signal_is_a_clear_error(method):
         select_tokens(X, 3, method, attention=torch.full((16,), float("nan")))
 
 
+@pytest.mark.parametrize("method", ["cls_attention", "fastv", "vispruner"])
+@pytest.mark.parametrize("budget", [16, 1000])
+def test_signals_are_checked_when_the_budget_keeps_every_token(method, budget):
+    """budget >= N keeps every token, but a missing or misshaped signal is still an error (it used to return
+    arange(N) unchecked)."""
+    X = torch.ones(16, 4)
+    with pytest.raises(ValueError, match="attention"):
+        select_tokens(X, budget, method)
+    with pytest.raises(ValueError, match=r"shape \(1, 16\)"):
+        select_tokens(X, budget, method, attention=torch.ones(3))
+    assert torch.equal(select_tokens(X, budget, method, attention=torch.rand(16)), torch.arange(16))
+
+
+@pytest.mark.parametrize("bad", [torch.arange(16) > 3, torch.ones(16, dtype=torch.complex64), ["a"] * 16, {"a": 1}])
+def test_a_signal_must_hold_real_numbers(bad):
+    with pytest.raises(ValueError, match="signal `attention`"):
+        select_tokens(torch.ones(16, 4), 3, "cls_attention", attention=bad)
+
+
+@pytest.mark.parametrize("grid", [(-4, -4), 16, (4, 4, 1), (4.0, 4.0), (True, 16), (0, 16), "4x4"])
+def test_a_bad_grid_names_the_problem(grid):
+    with pytest.raises(ValueError, match="grid must be a pair of integers"):
+        select_tokens(torch.ones(16, 4), 4, "uniform", grid=grid)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"seed": None}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": "a"}, "seed"),
+                                           ({"seed": -1}, "seed"), ({"generator": 3}, "generator")])
+def test_random_checks_its_seed_and_generator(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_tokens(torch.ones(16, 4), 4, "random", **kwargs)
+
+
 def test_unknown_method_and_signal():
     X = torch.ones(16, 4)
     with pytest.raises(ValueError, match="registered"):

@@ -24,7 +24,9 @@ Rank rule: ``rank`` is an int k (fixed rank) or a float in (0, 1] (energy: the s
 of Σσ² reaches it). Either way k is clamped to the numerical rank r (σ_j > σ_max · max(N, d) · ε with
 ε the fp32 machine epsilon, or fp64's for fp64 input on the SVD path); at k = r every token of a
 full-rank square matrix scores 1, so meaningful ranks stay below r. A zero matrix has r = 0 and all
-scores 0. There is no default rank; the selector's default (k = K, no centering, the tower's
+scores 0. When σ_k = σ_{k+1} the rank-k subspace, hence the scores, is not unique (``torch.eye(6)`` at k = 3: any
+three tokens can score 1) and the solvers may pick different ones; ties between equal *scores* go to the lower
+index in selection. There is no default rank; the selector's default (k = K, no centering, the tower's
 ``vision_feature_layer`` features) and the measurements behind it are in notebooks/04_ablations.ipynb.
 """
 
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .validate import as_features, restore_kind, unit_scale, unit_scale_factors
+from .validate import as_features, check_flag, check_int, restore_kind, unit_scale, unit_scale_factors
 
 __all__ = ["leverage_scores", "numerical_rank", "resolve_rank", "METHODS"]
 
@@ -225,7 +227,8 @@ def leverage_scores(
             the background's directions, and keep almost none of the answer region.
         center: subtract the per-sample token mean before the decomposition.
         method: "exact" (fp64 Gram eigh), "exact-svd" (fp64 SVD) or "approx" (randomized SVD with
-            q = k + oversample columns, ``niter`` power iterations, seeded by ``seed``; int rank only).
+            q = k + oversample columns (default oversample = k), ``niter`` power iterations, seeded by ``seed``;
+            int rank only). ``seed``, ``niter`` and ``oversample`` are integers >= 0, checked whatever the method.
         return_rank: also return the k actually used.
 
     Returns:
@@ -234,6 +237,9 @@ def leverage_scores(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    center, return_rank = check_flag(center, "center"), check_flag(return_rank, "return_rank")
+    seed, niter = check_int(seed, "seed", 0), check_int(niter, "niter", 0)
+    oversample = None if oversample is None else check_int(oversample, "oversample", 0)
     T, was_numpy, batched = as_features(X, "X")
     in_dtype = T.dtype
     N, d = T.shape[1:]

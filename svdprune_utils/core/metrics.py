@@ -22,7 +22,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from .validate import as_features, check_budget, unit_scale
+from .validate import as_features, check_budget, check_int, unit_scale
 
 __all__ = [
     "projection_residual",
@@ -59,6 +59,19 @@ def _indices(kept: Any, N: int | None, name: str = "kept") -> np.ndarray:
     return idx
 
 
+def check_grid(grid: Any) -> tuple[int, int]:
+    """``grid`` as (H, W): a pair of integers >= 1; ValueError otherwise."""
+    ok = isinstance(grid, (tuple, list, np.ndarray, torch.Size)) and len(grid) == 2
+    if ok:
+        try:
+            H, W = (check_int(g, "grid", 1) for g in grid)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"grid must be a pair of integers (H, W) >= 1, got {grid!r}")
+    return H, W
+
+
 def grid_shape(N: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
     """(H, W) of the patch grid: ``grid`` if given (checked), else the square root of N."""
     if grid is None:
@@ -66,7 +79,7 @@ def grid_shape(N: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         if side * side != N:
             raise ValueError(f"{N} tokens do not form a square grid; pass grid=(H, W)")
         return side, side
-    H, W = int(grid[0]), int(grid[1])
+    H, W = check_grid(grid)
     if H * W != N:
         raise ValueError(f"grid {H}x{W} does not match {N} tokens")
     return H, W
@@ -97,8 +110,7 @@ def optimal_residual(X: Any, K: int) -> float:
     """Eckart–Young floor Σ_{j>K} σ_j² / Σ_j σ_j²: the smallest residual any K-dimensional span
     (hence any K kept tokens) can reach."""
     A = _single(X)
-    if K < 0:
-        raise ValueError(f"K must be >= 0, got {K}")
+    K = check_int(K, "K", 0)
     s2 = np.linalg.svd(A, compute_uv=False) ** 2
     total = float(s2.sum())
     return 0.0 if total == 0.0 else float(s2[K:].sum() / total)
@@ -111,8 +123,8 @@ def spatial_stats(kept: Any, grid: tuple[int, int] = (24, 24)) -> dict[str, floa
     to its nearest kept token: small = the image is covered), ``spread`` (mean pairwise distance of
     kept tokens: small = clumped) and ``row_std``.
     """
-    H, W = int(grid[0]), int(grid[1])
-    idx = _indices(kept, H * W)
+    H, W = check_grid(grid)
+    idx = _indices(kept, H * W, f"kept (on the {H}x{W} grid)")
     if idx.size == 0:
         raise ValueError("kept is empty")
     r, c = np.divmod(idx, W)
@@ -171,7 +183,13 @@ def positional_bias(scores: Any, K: int, grid: tuple[int, int] | None = None) ->
     centre's ((H−1)/2), and the Spearman rank correlation of the score with the token index and with
     the row (≈ 0 for a position-free score; > 0 favours late/lower tokens, < 0 early/upper ones).
     """
-    s = np.asarray(scores.detach().cpu().double() if isinstance(scores, torch.Tensor) else scores, dtype=float)
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+        scores = scores.double() if scores.is_floating_point() else scores  # numpy has no bfloat16
+    raw = np.asarray(scores)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"scores must be real numbers, got dtype {raw.dtype}")
+    s = raw.astype(np.float64)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"scores must be a non-empty 1-D vector, got shape {s.shape}")
     if not np.all(np.isfinite(s)):

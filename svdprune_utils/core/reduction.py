@@ -150,10 +150,13 @@ def reduce_visionzip(features: Any, budget: int, *, attention: Any = None, keys:
     K = check_budget(budget)
     B, N, d = X.shape
     D, C = visionzip_split(K, dominant)
+    # the signals are checked whatever the budget (K >= N keeps every token, but a missing one is still an error)
+    att = as_signal(attention, "attention", B, N, X.device) if D else None
+    keys = as_signal(keys, "keys", B, N, X.device, vector=True) if C else None
     if K >= N:
         return Reduction.from_kept(torch.arange(N, device=X.device).expand(B, N).clone(), N)
-    dom = top_k(as_signal(attention, "attention", B, N, X.device), D) if D else X.new_zeros(B, 0, dtype=torch.long)
-    kn = F.normalize(as_signal(keys, "keys", B, N, X.device, vector=True), dim=-1) if C else None
+    dom = top_k(att, D) if D else X.new_zeros(B, 0, dtype=torch.long)
+    kn = F.normalize(keys, dim=-1) if C else None
     kept, feats, sources = [], [], torch.zeros(B, K, N, dtype=torch.bool, device=X.device)
     sources[:, :D] = F.one_hot(dom, N).bool()
     for b in range(B):

@@ -26,7 +26,7 @@ import torch
 
 from .leverage import leverage_scores
 from .metrics import grid_shape
-from .validate import as_features, as_signal, check_budget, unit_scale
+from .validate import as_features, as_signal, check_budget, check_int, unit_scale
 
 __all__ = ["SELECTORS", "register", "select_tokens", "score_tokens", "top_k", "SCORE_BASED", "FEATURE_DEFAULTS",
            "default_feature"]
@@ -101,9 +101,12 @@ def select_random(features, budget, *, seed=0, generator=None):
     """Uniformly random K tokens. With ``seed`` every sample draws from ``torch.Generator().manual_seed(seed)``
     (a batch equals each sample alone); with ``generator`` the samples draw from it in turn."""
     B, N = features.shape[:2]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (or None to use seed), got {type(generator).__name__}")
+    seed = check_int(seed, "seed", 0)
     rows = []
     for _ in range(B):
-        g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        g = generator if generator is not None else torch.Generator().manual_seed(seed)
         rows.append(torch.randperm(N, generator=g)[:budget])
     return torch.sort(torch.stack(rows), dim=-1).values.to(features.device)
 
@@ -260,12 +263,12 @@ def select_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
     X, _, batched = as_features(features)
     K = check_budget(budget)
     B, N = X.shape[:2]
-    if K >= N:
-        idx = torch.arange(N, device=X.device).unsqueeze(0).expand(B, -1).clone()
-    else:
-        fn = SELECTORS[method]
-        idx = fn(X, K, **_forward_signals(fn, method, signals))
-        assert idx.shape == (B, K), f"selector {method} returned shape {tuple(idx.shape)}, expected {(B, K)}"
+    # K >= N keeps every token, but the selector still runs (at K = N, where every one gives arange(N)): a missing or
+    # misshaped signal is an error whatever the budget
+    K = min(K, N)
+    fn = SELECTORS[method]
+    idx = fn(X, K, **_forward_signals(fn, method, signals))
+    assert idx.shape == (B, K), f"selector {method} returned shape {tuple(idx.shape)}, expected {(B, K)}"
     return idx if batched else idx[0]
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_features", "as_signal", "check_budget", "restore_kind", "unit_scale", "unit_scale_factors"]
+__all__ = ["as_features", "as_signal", "check_budget", "check_flag", "check_int", "restore_kind", "unit_scale",
+           "unit_scale_factors"]
 
 
 def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool, bool]:
@@ -26,10 +27,14 @@ def as_features(x: Any, name: str = "features", allow_nonfinite: bool = False) -
     if was_numpy:
         if x.dtype.kind not in "f":
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        if x.dtype.itemsize > 8:  # torch has no extended precision
+            raise ValueError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}")
         t = torch.from_numpy(np.array(x, copy=True) if not x.flags.writeable else np.ascontiguousarray(x))
     elif isinstance(x, torch.Tensor):
         if not (x.is_floating_point()):
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor, got layout {x.layout} (call .to_dense() first)")
         t = x.detach()
     else:
         raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
@@ -70,7 +75,12 @@ def as_signal(value: Any, name: str, B: int, N: int, device, *, vector: bool = F
     what = "per-token vectors of shape (B, N, e)" if vector else "per-token scores of shape (B, N)"
     if value is None:
         raise ValueError(f"this method needs the signal `{name}` ({what})")
-    t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+    try:
+        t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"signal `{name}` must be an array of real numbers ({what}): {e}") from None
+    if t.dtype == torch.bool or t.is_complex() or t.layout != torch.strided:
+        raise ValueError(f"signal `{name}` must hold real numbers ({what}), got dtype {t.dtype}, layout {t.layout}")
     t = t.detach().to(device=device, dtype=torch.float64)
     single = 2 if vector else 1
     if t.ndim == single:
@@ -82,6 +92,20 @@ def as_signal(value: Any, name: str, B: int, N: int, device, *, vector: bool = F
     if not torch.isfinite(t).all():
         raise ValueError(f"signal `{name}` contains {int((~torch.isfinite(t)).sum())} non-finite value(s)")
     return t
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool; ValueError for anything but True/False (a string such as "no" would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; ValueError for bools, floats, strings and smaller values."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def restore_kind(t: torch.Tensor, was_numpy: bool, batched: bool) -> Any:
