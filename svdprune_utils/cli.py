@@ -14,8 +14,12 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -66,12 +70,24 @@ def _reproduce(args: argparse.Namespace) -> int:
     if not paths:
         print("no notebooks found", file=sys.stderr)
         return 2
+    if args.timeout < 1:
+        raise UserError(f"--timeout must be >= 1 (seconds per cell), got {args.timeout}")
+    if args.in_place and args.out is not None:
+        raise UserError("--out and --in-place exclude each other (--in-place writes over the notebooks themselves)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         print(f"notebook(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:  # each notebook parses before any runs
+        try:
+            nbformat.read(path, as_version=4)
+        except Exception as e:  # nbformat's NotJSONError, a JSON notebook of an unknown format, unreadable bytes
+            raise UserError(f"{path}: not a notebook ({type(e).__name__})") from None
+    out_dir = pathlib.Path(args.out if args.out is not None else REPO / "out" / "notebooks")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create the directory ({e.strerror or type(e).__name__})") from None
     os.environ.setdefault("MPLBACKEND", "Agg")
     for path in tqdm(paths, desc="notebooks", unit="nb"):
         nb = nbformat.read(path, as_version=4)
@@ -97,6 +113,13 @@ def _model_path(name: str) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise UserError(f"--model {name}: not a model directory (no config.json)")
+        try:
+            config = json.loads((p / "config.json").read_text())
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"--model {name}: config.json is not readable JSON ({type(e).__name__})") from None
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        if kind != "llava":
+            raise UserError(f"--model {name}: not a LLaVA model (config.json model_type {kind!r}, not 'llava')")
         return str(p)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
     if looks_local:
@@ -104,10 +127,44 @@ def _model_path(name: str) -> str:
     return name
 
 
+def _check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:INDEX, where CUDA is present and INDEX names one of its GPUs."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:INDEX, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: no such GPU ({torch.cuda.device_count()} available)")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's retry warnings (a line per attempt when the hub cannot be reached) held back, so that a
+    failed download ends in one error line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load(model: str, device: str, dtype: str):
     from .analysis.evaluate import load_model
 
-    return load_model(_model_path(model), device, dtype)
+    path = _model_path(model)
+    try:
+        with _quiet_hub():
+            return load_model(path, device, dtype)
+    except (OSError, ValueError, KeyError) as e:  # no weights, a config that is not JSON or not a LLaVA model, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"--model {model}: cannot load it ({type(e).__name__}: {first})") from None
 
 
 def _dataset(args, processor):
@@ -121,17 +178,26 @@ def _dataset(args, processor):
         # rendered once (not once per method x budget); the per-pixel id map is not needed here
         return [{k: v for k, v in ds[i].items() if k not in ("idmap", "coverage")} for i in range(n)]
     try:
-        return load_vqa(args.dataset, split=args.split, limit=args.limit)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"--dataset: {e}") from None
+        with _quiet_hub():
+            return load_vqa(args.dataset, split=args.split, limit=args.limit)
+    except Exception as e:  # a hub id: the datasets library's errors (offline, unknown id or split, bad files, ...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        if not args.dataset.endswith(".json"):
+            raise UserError(f"--dataset {args.dataset}: {type(e).__name__}: {first}") from None
+        if isinstance(e, (ValueError, OSError)):  # a bad record, or a file that cannot be read
+            raise UserError(f"--dataset: {first}") from None
+        raise
 
 
 def _eval_args(args) -> tuple[list[str], list[int]]:
     """Check every argument of ``eval`` before any work."""
     from .hf.prune import IN_LLM, known_methods
+    from .testbed.shapes import SPLIT_IDS
 
     known = known_methods()
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # repeats run once
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",")))  # repeats run once
+    if "" in methods:
+        raise UserError(f"--methods must be method names separated by commas, got {args.methods!r}")
     bad = [m for m in methods if m not in known]
     if not methods or bad:
         raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
@@ -151,15 +217,34 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
                         "them without --positions (or with --positions original)")
     if args.prompt is not None and ("{question}" not in args.prompt or "<image>" not in args.prompt):
         raise UserError("--prompt must contain <image> and {question}")
+    if args.prompt is not None and args.prompt.count("<image>") != 1:
+        raise UserError(f"--prompt must contain <image> once, got it {args.prompt.count('<image>')} times")
+    if args.prompt is not None:
+        try:
+            args.prompt.format(question="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"--prompt: only {{question}} may stand in braces (write {{{{ and }}}} for a literal "
+                            f"brace); {type(e).__name__}: {e}") from None
     if args.prompt is not None and "sparsevlm" in methods and not args.prompt.split("<image>")[-1].strip():
         raise UserError("--prompt: sparsevlm chooses its raters among the text after the image; put text (e.g. "
                         "{question}) after <image>")
+    if args.dataset in (None, "shapes") and args.split not in SPLIT_IDS:
+        raise UserError(f"--split must be one of {', '.join(SPLIT_IDS)} for ShapesVQA, got {args.split!r}")
+    if args.dataset is not None and not args.dataset.strip():
+        raise UserError("--dataset must not be empty: 'shapes', a .json file or a Hugging Face dataset id")
+    if args.dataset not in (None, "shapes") and pathlib.Path(args.dataset).is_dir():
+        raise UserError(f"--dataset {args.dataset}: a directory; give a .json file or a Hugging Face dataset id")
     if args.dataset not in (None, "shapes") and args.dataset.endswith(".json") and not pathlib.Path(args.dataset).is_file():
         raise UserError(f"--dataset {args.dataset}: file not found")
-    if args.out:
+    if args.out is not None:
+        if not args.out.strip():
+            raise UserError("--out must be a file name, got ''")
+        if pathlib.Path(args.out).is_dir():
+            raise UserError(f"--out {args.out}: a directory; give a CSV file name")
         parent = pathlib.Path(args.out).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"--out {args.out}: directory {parent} does not exist or is not writable")
+    _check_device(args.device)
     _model_path(args.model)
     return methods, budgets
 
@@ -178,14 +263,28 @@ def _eval(args: argparse.Namespace) -> int:
     label = args.dataset or "shapes"
     done = pd.DataFrame()
     if args.out and pathlib.Path(args.out).is_file() and pathlib.Path(args.out).stat().st_size:
-        done = pd.read_csv(args.out)
-        if "dataset" not in done or set(done["dataset"]) != {label}:
+        try:
+            done = pd.read_csv(args.out)
+        except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+            raise UserError(f"--out {args.out}: not a CSV table of results ({type(e).__name__}); choose another "
+                            "file (or delete it)") from None
+        if not {"dataset", "method", "budget", "n"} <= set(done) or set(done["dataset"]) != {label}:
             raise UserError(f"--out {args.out} holds other results; choose another file (or delete it)")
         if "positions" not in done:  # written before the knob: every method ran with its own positions
             done["positions"] = [default_positions(m) for m in done["method"]]
+    data = None if args.dataset in (None, "shapes") else _dataset(args, None)  # records checked before the model
     model, processor = _load(args.model, args.device, args.dtype)
+    from .hf.patch import tokens_per_image
+
+    if data is not None:  # the size of a mask needs the model's tokens per image
+        from .analysis.evaluate import check_record
+
+        for i, r in enumerate(data):
+            try:
+                check_record(r, f"--dataset {args.dataset}: record {i}", tokens_per_image(model))
+            except ValueError as e:
+                raise UserError(str(e)) from None
     if "sparsevlm" in methods:  # its budget is an average over the decoder layers: some cannot be reached
-        from .hf.patch import tokens_per_image
         from .hf.sparsevlm import schedule
 
         n = tokens_per_image(model)
@@ -194,7 +293,7 @@ def _eval(args: argparse.Namespace) -> int:
                 schedule(b, model.config.text_config.num_hidden_layers, n) if b < n else None
             except ValueError as e:
                 raise UserError(f"--budgets {b}: {e}") from None
-    data = _dataset(args, processor)
+    data = _dataset(args, processor) if data is None else data
     prompt = args.prompt or default_prompt(processor)
     if len(done) and set(done["n"]) != {len(data)}:
         raise UserError(f"--out {args.out} holds results on {sorted(set(done['n']))} questions, this run has "
@@ -231,6 +330,15 @@ def _demo(args: argparse.Namespace) -> int:
     from .testbed.check import readable_qtypes
     from .testbed.shapes import ShapesVQA
 
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.figures is not None:
+        try:
+            pathlib.Path(args.figures).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--figures {args.figures}: cannot create the directory "
+                            f"({e.strerror or type(e).__name__})") from None
+    _check_device(args.device)
     model, processor = _load(args.model, args.device, "auto")
     data = ShapesVQA(split="test", n=args.n, seed=args.seed, qtypes=readable_qtypes(processor))
     methods, budgets = ["svd", "fastv", "random"], [576, 64, 16]
@@ -267,6 +375,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train_tiny(args: argparse.Namespace) -> int:
     from .testbed.tiny import evaluate_tiny, train_tiny
 
+    _check_device(args.device)
     for name in ("stage1_samples", "stage2_images", "stage2_steps", "workers"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
@@ -310,6 +419,8 @@ def _testbed_check(args: argparse.Namespace) -> int:
         seeds = [int(v) for v in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+    if min(seeds) < 0:
+        raise UserError(f"--seeds must be >= 0, got {args.seeds!r}")
     if args.n < len(check.S.ALL_QTYPES):
         raise UserError(f"--n must be >= {len(check.S.ALL_QTYPES)} (one question per type), got {args.n}")
     if args.batch_size < 1:
@@ -317,9 +428,12 @@ def _testbed_check(args: argparse.Namespace) -> int:
     if args.split not in check.S.SPLIT_IDS:
         raise UserError(f"--split must be one of {', '.join(check.S.SPLIT_IDS)}, got {args.split!r}")
     if args.json:
+        if pathlib.Path(args.json).expanduser().is_dir():
+            raise UserError(f"--json {args.json}: a directory; give a file name")
         parent = pathlib.Path(args.json).expanduser().resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+    _check_device(args.device)
     model, processor = _load(args.model, args.device, "fp32")
     if check.tokens_per_image(model) < max(check.ORACLE_BUDGETS) + 1:
         raise UserError(f"--model {args.model}: {check.tokens_per_image(model)} image tokens; the check needs "
@@ -341,10 +455,10 @@ EVAL_EPILOG = """local JSON datasets (--dataset FILE.json): a JSON list of recor
   {"image": "img/0.png", "question": "what colour is the circle?", "answers": ["red", ...],
    "qtype": "colour", "mask": [[0, 1, ...], ...]}
   image: a path, relative to the JSON file or absolute (8- or 16-bit PNG/JPEG); answers: a non-empty list of
-  strings (or "answer": a string); qtype (optional): a string, for per-type columns; mask (optional): the answer
-  region as a 24x24 (N-entry) boolean grid, for answer-region recall. Every record is checked before the model
-  runs. Results are written to --out after every (method, budget) job; rerunning with the same --out skips
-  the jobs already there."""
+  non-empty strings (or "answer": a string; not both); qtype (optional): a string, for per-type columns; mask
+  (optional): the answer region as a 24x24 (N-entry) grid of true/false (or 0/1), for answer-region recall.
+  Every record is checked before the model runs. Results are written to --out after every (method, budget)
+  job; rerunning with the same --out skips the jobs already there."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +474,7 @@ def _main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="execute the notebooks on copies and write figures/")
     rep.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/[0-9]*.ipynb)")
-    rep.add_argument("--out", default=str(REPO / "out" / "notebooks"), help="where executed copies go")
+    rep.add_argument("--out", default=None, help="where executed copies go (default: out/notebooks)")
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell timeout in seconds")
     rep.add_argument("--in-place", action="store_true",
                      help="write the executed notebooks over the committed ones (how they are produced)")

@@ -210,3 +210,158 @@ def test_eval_runs_a_repeated_method_or_budget_once(tmp_path):
     assert cli(["eval", "--methods", "svd,svd", "--budgets", "16,16", "--limit", "1", "--n", "1", "--device", "cpu",
                 "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) == 1
+
+
+def _one_error_line(capsys, argv, *words):
+    """``argv`` exits with code 2 and a single stderr line holding every one of ``words``."""
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("python -m svdprune_utils: error: ") and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("command", ["eval", "demo", "testbed-check", "train-tiny"])
+def test_an_unknown_device_is_one_line(capsys, command):
+    _one_error_line(capsys, [command, "--device", "tpu"], "--device", "tpu", "auto, cpu, cuda")
+
+
+def test_cuda_without_cuda_or_a_missing_gpu_is_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in ("eval", "demo", "testbed-check"):
+        _one_error_line(capsys, [command, "--device", "cuda"], "--device cuda", "CUDA is not available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _one_error_line(capsys, ["eval", "--device", "cuda:99"], "--device cuda:99", "no such GPU", "1 available")
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--split", "bogus"], ("--split", "bogus", "train, val, test")),
+    (["--dataset", "shapes", "--split", "bogus"], ("--split", "bogus")),
+    (["--out", ""], ("--out", "file name")),
+    (["--prompt", "<image> {question} {bogus}"], ("--prompt", "{question}", "KeyError", "bogus")),
+    (["--prompt", "<image> {question} {"], ("--prompt", "{question}", "ValueError")),
+    (["--prompt", "<image> {question} {0}"], ("--prompt", "{question}", "IndexError")),
+    (["--prompt", "<image><image> {question}"], ("--prompt", "<image> once", "2 times")),
+    (["--dataset", ""], ("--dataset", "must not be empty")),
+    (["--methods", "svd,,fastv"], ("--methods", "'svd,,fastv'")),
+    (["--methods", "svd,"], ("--methods", "'svd,'")),
+])
+def test_eval_argument_errors_are_one_line(capsys, argv, words):
+    _one_error_line(capsys, ["eval", "--limit", "1", *argv], *words)
+
+
+def test_eval_out_must_be_a_csv_file(tmp_path, capsys):
+    _one_error_line(capsys, ["eval", "--limit", "1", "--out", str(tmp_path)], "--out", "a directory")
+    binary = tmp_path / "res.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    _one_error_line(capsys, ["eval", "--limit", "1", "--out", str(binary)], "--out", "not a CSV table")
+    binary.write_text("a,b\n1,2\n")  # a CSV, but not of results
+    _one_error_line(capsys, ["eval", "--limit", "1", "--out", str(binary)], "--out", "holds other results")
+
+
+def test_eval_dataset_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    _one_error_line(capsys, ["eval", "--dataset", str(tmp_path)], "--dataset", "a directory")
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'bogus_org/bogus_xyz' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    _one_error_line(capsys, ["eval", "--dataset", "bogus_org/bogus_xyz"], "--dataset", "Couldn't reach")
+
+    def missing(*a, **k):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'bogus_org/bogus_xyz' doesn't exist\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    _one_error_line(capsys, ["eval", "--dataset", "bogus_org/bogus_xyz"], "--dataset bogus_org/bogus_xyz",
+                    "DatasetNotFoundError", "doesn't exist")
+
+
+@pytest.mark.parametrize(("config", "words"), [
+    ('{"model_type": "bert"}', ("--model", "not a LLaVA model", "bert")),
+    ("not json", ("--model", "config.json is not readable JSON")),
+    (None, ("--model", "cannot load it", "OSError")),  # the embedded model's config, no weights
+])
+def test_eval_a_model_that_cannot_load_is_one_line(tmp_path, capsys, config, words):
+    text = (SHIPPED / "config.json").read_text() if config is None else config
+    (tmp_path / "config.json").write_text(text)
+    _one_error_line(capsys, ["eval", "--limit", "1", "--device", "cpu", "--model", str(tmp_path)], *words)
+
+
+def test_demo_testbed_check_and_reproduce_argument_errors_are_one_line(tmp_path, capsys):
+    _one_error_line(capsys, ["demo", "--n", "0"], "--n must be >= 1")
+    _one_error_line(capsys, ["demo", "--n", "-1"], "--n must be >= 1")
+    _one_error_line(capsys, ["demo", "--n", "1", "--figures", "/dev/null/x"], "--figures /dev/null/x", "cannot create")
+    _one_error_line(capsys, ["testbed-check", "--seeds", "0,-1"], "--seeds must be >= 0")
+    _one_error_line(capsys, ["testbed-check", "--json", str(tmp_path)], "--json", "a directory")
+    import nbformat
+
+    good = tmp_path / "good.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), good)
+    _one_error_line(capsys, ["reproduce", str(good), "--out", "/dev/null/x"], "--out /dev/null/x", "cannot create")
+    _one_error_line(capsys, ["reproduce", str(good), "--timeout", "0"], "--timeout must be >= 1")
+    _one_error_line(capsys, ["reproduce", str(good), "--timeout", "-1"], "--timeout must be >= 1")
+    _one_error_line(capsys, ["reproduce", str(good), "--in-place", "--out", str(tmp_path)], "--out", "--in-place")
+    (tmp_path / "bad.ipynb").write_text("x = 1\n")
+    (tmp_path / "empty.ipynb").write_text("{}")
+    out = tmp_path / "out"
+    for bad in ("bad.ipynb", "empty.ipynb"):  # checked before any notebook runs: nothing is written
+        _one_error_line(capsys, ["reproduce", str(good), str(tmp_path / bad), "--out", str(out)], bad,
+                        "not a notebook")
+        assert not (out / "good.ipynb").exists()
+
+
+def _image_dir(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+
+
+GOOD = {"image": "ok.png", "question": "what color is the square ?", "answers": ["red"]}
+NAN_MASK = np.zeros((24, 24)).tolist()
+NAN_MASK[3][4] = float("nan")
+
+
+@pytest.mark.parametrize(("records", "words"), [
+    ([dict(GOOD, mask=np.zeros((23, 24), int).tolist())], ("record 0", "'mask'", "(23, 24)")),
+    ([GOOD, dict(GOOD, mask=np.full((24, 24), 0.0).tolist())], ("record 1", "'mask'", "float")),
+    ([dict(GOOD, mask=1)], ("record 0", "'mask'", "shape ()")),
+    ([dict(GOOD, mask=[["a"] * 24] * 24)], ("record 0", "'mask'")),
+    ([dict(GOOD, mask=[[0] * 24] * 23 + [[0] * 3])], ("record 0", "'mask'", "different lengths")),
+    ([dict(GOOD, mask=NAN_MASK)], ("record 0", "'mask'", "float")),
+    ([dict(GOOD, mask=np.full((24, 24), 2).tolist())], ("record 0", "'mask'", "other than 0/1")),
+    ([dict(GOOD, image="text.png")], ("record 0", "'image'", "text.png", "not a readable image")),
+    ([GOOD, dict(GOOD, image="empty.png")], ("record 1", "'image'", "empty.png", "not a readable image")),
+    ([], ("no records",)),
+    ([dict(GOOD, answer="red")], ("record 0", "'answer' and 'answers'")),
+    ([dict(GOOD, answers=["red", ""])], ("record 0", "'answers'", "empty strings")),
+    ([{k: v for k, v in dict(GOOD, answer=" ").items() if k != "answers"}], ("record 0", "'answers'", "empty")),
+    ([dict(GOOD, question="<image> what color?")], ("record 0", "'question'", "<image>")),
+])
+def test_eval_bad_json_records_are_one_line_before_the_model_loads(tmp_path, capsys, records, words):
+    _image_dir(tmp_path)
+    p = _write(tmp_path, records)
+    # one line: the model's loading progress would be a line of its own
+    _one_error_line(capsys, ["eval", "--dataset", str(p), "--methods", "svd", "--budgets", "16", "--device", "cpu"],
+                    "--dataset", *words)
+
+
+def test_eval_a_square_mask_of_the_wrong_size_is_one_error_after_the_model_loads(tmp_path, capsys):
+    _image_dir(tmp_path)
+    p = _write(tmp_path, [GOOD, dict(GOOD, mask=np.zeros((20, 20), bool).tolist())])
+    assert cli(["eval", "--dataset", str(p), "--methods", "svd", "--budgets", "16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "Loading weights" in err[0]  # tqdm's bar of the model's weights
+    assert err[-1].startswith("python -m svdprune_utils: error: --dataset") and "record 1" in err[-1]
+    assert "'mask'" in err[-1] and "576 entries" in err[-1]
+
+
+def test_eval_a_good_mask_runs(tmp_path):
+    _image_dir(tmp_path)
+    p = _write(tmp_path, [dict(GOOD, mask=np.eye(24, dtype=bool).tolist())])
+    out = tmp_path / "res.csv"
+    assert cli(["eval", "--dataset", str(p), "--methods", "svd", "--budgets", "16", "--device", "cpu",
+                "--out", str(out)]) == 0
+    assert 0 <= pd.read_csv(out)["region_recall"].iloc[0] <= 1

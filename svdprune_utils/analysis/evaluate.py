@@ -72,14 +72,17 @@ def answers_of(item: dict) -> list[str]:
 
 def check_record(item, where: str, n_tokens: int | None = None) -> None:
     """ValueError naming ``where`` (e.g. "record 3 of data.json") and the field, for a dataset record that
-    cannot be evaluated: ``question`` not a non-empty string; ``answers`` absent, empty, not a list of
-    strings (or {"answer": str} dicts) and no string ``answer``; ``qtype`` not a string; ``mask`` not
-    boolean-like with ``n_tokens`` entries (when given)."""
+    cannot be evaluated: ``question`` not a non-empty string (or holding the ``<image>`` placeholder); ``answers``
+    absent, empty, not a list of strings (or {"answer": str} dicts) and no string ``answer``; ``qtype`` not a
+    string; ``mask`` not a 0/1 (boolean) square grid or flat list, or (when ``n_tokens`` is given) not with
+    ``n_tokens`` entries."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: a record must be a dict, got {type(item).__name__}")
     q = item.get("question")
     if not isinstance(q, str) or not q.strip():
         raise ValueError(f"{where}: 'question' must be a non-empty string, got {q!r}")
+    if "<image>" in q:
+        raise ValueError(f"{where}: 'question' must not contain the image placeholder <image>, got {q!r}")
     if item.get("answers") is not None:
         a = item["answers"]
         ok = isinstance(a, str) and a.strip() or isinstance(a, list) and a and all(
@@ -90,11 +93,20 @@ def check_record(item, where: str, n_tokens: int | None = None) -> None:
         raise ValueError(f"{where}: needs 'answers' (a non-empty list of strings) or 'answer' (a string)")
     if "qtype" in item and not isinstance(item["qtype"], str):
         raise ValueError(f"{where}: 'qtype' must be a string, got {item['qtype']!r}")
-    if item.get("mask") is not None and n_tokens is not None:
-        m = np.asarray(item["mask"])
-        if m.size != n_tokens or m.dtype.kind not in "biu":
-            raise ValueError(f"{where}: 'mask' must be a boolean answer region with {n_tokens} entries "
-                             f"(e.g. 24x24), got shape {m.shape} dtype {m.dtype}")
+    if item.get("mask") is not None:
+        try:
+            m = np.asarray(item["mask"])
+        except ValueError:  # a ragged list
+            raise ValueError(f"{where}: 'mask' must be a boolean answer region (a square grid, e.g. 24x24), got "
+                             "rows of different lengths") from None
+        grid = m.ndim == 1 or m.ndim == 2 and m.shape[0] == m.shape[1]
+        zero_one = m.dtype.kind in "biu" and m.size and np.isin(m, (0, 1)).all()
+        if not grid or not zero_one or n_tokens is not None and m.size != n_tokens:
+            got = f"shape {m.shape} dtype {m.dtype}"
+            if m.dtype.kind in "biu" and m.size and not zero_one:
+                got += " with values other than 0/1"
+            raise ValueError(f"{where}: 'mask' must be a boolean (0/1) answer region, a square grid with "
+                             f"{n_tokens or 'N'} entries (e.g. 24x24), got {got}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -274,27 +286,47 @@ def load_vqa(source: str, split: str = "validation", limit: int | None = None) -
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path}")
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a JSON list of records")
+        if not records:
+            raise ValueError(f"{path} holds no records (an empty list)")
         records = records[:limit] if limit else records
         for i, r in enumerate(records):  # every record is checked before any image is read
             check_record(r, f"record {i} of {path}")
             if not isinstance(r.get("image"), str):
                 raise ValueError(f"record {i} of {path}: 'image' must be a path string, got {r.get('image')!r}")
+            if "answer" in r and "answers" in r:
+                raise ValueError(f"record {i} of {path}: both 'answer' and 'answers' given; give one")
+            if not all(a.strip() for a in answers_of(r)):
+                raise ValueError(f"record {i} of {path}: 'answers' must not hold empty strings, got "
+                                 f"{r.get('answers', r.get('answer'))!r}")
         out = []
         for i, r in enumerate(records):
             img = pathlib.Path(r["image"])
             img = img if img.is_absolute() else path.parent / img
             if not img.is_file():
                 raise FileNotFoundError(f"record {i} of {path}: image not found: {img}")
-            with Image.open(img) as im:
-                out.append({**r, "image": to_rgb(im), "answers": answers_of(r)})
+            try:
+                with Image.open(img) as im:
+                    rgb = to_rgb(im)  # reads every pixel: a truncated file fails here, not in the model
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                raise ValueError(f"record {i} of {path}: 'image' {img} is not a readable image "
+                                 f"({type(e).__name__})") from None
+            out.append({**{k: v for k, v in r.items() if k != "answer"}, "image": rgb, "answers": answers_of(r)})
         return out
     from datasets import load_dataset  # the hub path: needs network or a populated HF cache
 
     ds = load_dataset(source, split=split)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    return [{"image": r["image"], "question": r["question"], "answers": answers_of(r),
-             "qtype": r.get("question_type", "all")} for r in ds]
+    out = [{"image": r["image"], "question": r["question"], "answers": answers_of(r),
+            "qtype": r.get("question_type", "all")} for r in ds]
+    if not out:
+        raise ValueError(f"{source} split {split!r} holds no records")
+    for i, r in enumerate(out):  # before the model runs
+        check_record(r, f"record {i} of {source}")
+    return out
