@@ -68,16 +68,14 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     paths = [pathlib.Path(p) for p in args.notebooks] or sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
     if not paths:
-        print("no notebooks found", file=sys.stderr)
-        return 2
+        raise UserError("no notebooks found")
     if args.timeout < 1:
         raise UserError(f"--timeout must be >= 1 (seconds per cell), got {args.timeout}")
     if args.in_place and args.out is not None:
         raise UserError("--out and --in-place exclude each other (--in-place writes over the notebooks themselves)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        print(f"notebook(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise UserError(f"notebook(s) not found: {', '.join(missing)}")
     for path in paths:  # each notebook parses before any runs
         try:
             nbformat.read(path, as_version=4)

@@ -311,6 +311,7 @@ def test_demo_testbed_check_and_reproduce_argument_errors_are_one_line(tmp_path,
         _one_error_line(capsys, ["reproduce", str(good), str(tmp_path / bad), "--out", str(out)], bad,
                         "not a notebook")
         assert not (out / "good.ipynb").exists()
+    _one_error_line(capsys, ["reproduce", str(tmp_path / "missing.ipynb")], "notebook(s) not found", "missing.ipynb")
 
 
 def _image_dir(tmp_path):
