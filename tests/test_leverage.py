@@ -374,3 +374,25 @@ def test_mixed_precision_probe_computes_leverage(shape, p, deflate, step):
     X = spectrum_matrix(*shape, GAPPED, seed=2)
     got = probe.mixed_scores(X, 6, p, deflate, step)
     np.testing.assert_allclose(got, reference_leverage(X, 6), atol=1e-6)
+
+
+def test_eigensolver_probe_runs_every_cell(monkeypatch, capsys):
+    """benchmarks/eigensolver_probe.py (the evidence that no faster exact eigensolver is reachable) prints one row of
+    four timings per shape; small shapes here, both Gram orientations."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "eigensolver_probe.py"
+    spec = importlib.util.spec_from_file_location("eigensolver_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.setattr(probe, "SHAPES", [(300, 120), (120, 300)])
+    monkeypatch.setattr(probe, "K", 8)
+    monkeypatch.setattr(probe, "BAND", 4)
+    assert probe.main(["--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300×120") or
+            line.startswith("| 120×300")]
+    assert [r.split("|")[2].strip() for r in rows] == ["120×120", "120×120"]
+    assert all(float(c) > 0 for r in rows for c in r.strip("|").split("|")[2:])
+    with pytest.raises(SystemExit):
+        probe.main(["--repeats", "0"])
