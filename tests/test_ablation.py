@@ -81,6 +81,21 @@ def test_select_cached_is_select_tokens_on_the_cached_features(setup):
         select_cached(cache, {"method": "fastv"}, 16)
 
 
+def test_reduce_cached_keeps_every_token_without_a_selector_at_full_budget(setup, monkeypatch):
+    """budget >= N keeps every token, as the patch does, without running the selector (DivPrune or CDPruner at K = N
+    cost seconds per chunk); a bad budget is still refused."""
+    import svdprune_utils.analysis.ablation as ab
+
+    _, _, _, cache = setup
+    N = cache.feature("projected").shape[1]
+    monkeypatch.setattr(ab, "reduce_tokens", lambda *a, **k: pytest.fail("a selector ran at full budget"))
+    for budget in (N, N + 5):
+        kept, feats = reduce_cached(cache, {"method": "divprune"}, budget, samples=[0, 1])
+        assert feats is None and torch.equal(kept, torch.arange(N).expand(2, N))
+    with pytest.raises(ValueError, match="budget"):
+        reduce_cached(cache, {"method": "divprune"}, 0)
+
+
 def test_reduce_cached_memoises_plain_configs_only(setup, monkeypatch):
     """A selection asked twice runs once (same kept set, a copy the caller may change); other samples or a config
     holding a numpy value are not served from the memo."""

@@ -37,7 +37,7 @@ from tqdm import tqdm  # text bars: the same in a terminal and a notebook (no ip
 
 from ..core.reduction import REDUCERS, reduce_tokens
 from ..core.selection import default_feature, score_tokens, top_k
-from ..core.validate import unit_scale
+from ..core.validate import check_budget, unit_scale
 from ..hf.attention import vision_cls_attention
 from ..hf.fastv import default_layer
 from ..hf.inputs import keep_image_tokens, kept_features
@@ -201,6 +201,8 @@ def reduce_cached(cache: FeatureCache, config: Mapping, budget: int, samples: Se
                          f"'projected', got {key!r}")
     X = cache.feature(key)
     rows = torch.arange(X.shape[0]) if samples is None else torch.as_tensor(list(samples), dtype=torch.long)
+    if check_budget(budget) >= X.shape[1]:  # every token kept, as the patch keeps them: no selector runs (at K = N
+        return torch.arange(X.shape[1], device=X.device).expand(len(rows), -1).clone(), None  # it would cost seconds)
     if cache.grid[0] * cache.grid[1] == X.shape[1]:
         cfg.setdefault("grid", cache.grid)
     if method == "svd" and cfg.get("rank") is not None and budget < X.shape[1]:
