@@ -94,6 +94,10 @@ def test_reduce_cached_keeps_every_token_without_a_selector_at_full_budget(setup
         assert feats is None and torch.equal(kept, torch.arange(N).expand(2, N))
     with pytest.raises(ValueError, match="budget"):
         reduce_cached(cache, {"method": "divprune"}, 0)
+    model, processor = setup[:2]
+    cache.memo.clear()
+    evaluate_cached(model, processor, cache, {"a": {"method": "divprune"}, "b": {"method": "norm"}}, (N,))
+    assert cache.n_answers() == len(cache.memo) == N_SAMPLES  # one answer per sample, shared by both configs
 
 
 def test_reduce_cached_memoises_plain_configs_only(setup, monkeypatch):
@@ -116,6 +120,7 @@ def test_reduce_cached_memoises_plain_configs_only(setup, monkeypatch):
     for _ in range(2):
         reduce_cached(cache, {"method": "vispruner", "important_ratio": np.float32(0.5)}, 8)
     assert len(calls) == 4  # a numpy value in the config: no memo
+    assert len(cache.memo) == 2 and cache.n_answers() == 0  # two memoised selections, no answer
 
 
 def test_evaluate_cached_rejects_samples_outside_the_cache(setup):

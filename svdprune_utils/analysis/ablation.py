@@ -73,7 +73,8 @@ class FeatureCache:
     feature_layer: int
     grid: tuple[int, int]
     n_hidden: int = 0  # number of tower hidden states (layers + embeddings)
-    memo: dict = field(default_factory=dict, repr=False)  # (sample, K, kept bytes) -> answer
+    # (sample, K, kept bytes[, tag]) -> answer; ("scores" | "reduce", ...) -> a memoised selection
+    memo: dict = field(default_factory=dict, repr=False)
     sigma2: torch.Tensor | None = field(default=None, repr=False)  # squared singular values of feature("vision")
     attention_sum: torch.Tensor | None = field(default=None, repr=False)
     keys: torch.Tensor | None = field(default=None, repr=False)
@@ -81,6 +82,10 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def n_answers(self) -> int:
+        """How many distinct language-model answers the memo holds (its selections not counted)."""
+        return sum(1 for key in self.memo if isinstance(key[0], int))
 
     def feature(self, key: Any = "vision") -> torch.Tensor:
         """(n, N, d) features for a configuration's ``feature`` key ("vision", "projected" or a layer)."""

@@ -221,7 +221,8 @@ def reduce_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
 
     Args:
         features: (N, d) or (B, N, d) torch tensor or numpy array (never modified).
-        budget: K >= 1 output tokens per sample; K >= N returns every token unchanged.
+        budget: K >= 1 output tokens per sample; K >= N returns every token unchanged (the method's signals are
+            still checked).
         method: a key of :data:`REDUCERS` (merging: "visionzip") or of ``SELECTORS`` (pure selection, wrapped
             with :meth:`Reduction.from_kept`).
         **signals: the method's inputs (``attention``, ``keys``, ``relevance``, ...). Signals the method does not

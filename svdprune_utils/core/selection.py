@@ -241,7 +241,8 @@ def select_tokens(features: Any, budget: int, method: str = "svd", **signals) ->
 
     Args:
         features: (N, d) or (B, N, d) torch tensor or numpy array (floating; never modified).
-        budget: K >= 1 tokens to keep per sample; K >= N keeps all tokens (``arange(N)``).
+        budget: K >= 1 tokens to keep per sample; K >= N keeps all tokens (``arange(N)``; the selector still runs,
+            at K = N, so its signals are checked and it costs what a selection of N tokens costs).
         method: a key of :data:`SELECTORS`. A merging method ("visionzip", see ``reduction.REDUCERS``) raises
             ValueError pointing to ``reduce_tokens``: its output is not a subset of the input tokens.
         **signals: extra inputs some selectors need — ``attention`` (cls_attention, fastv, vispruner; with
