@@ -110,11 +110,15 @@ PARTIAL_MIN_DIM = 1024
 BLOCK_BYTES = 4 << 20
 
 
+def _is_int_rank(rank: Any) -> bool:
+    """Whether ``rank`` is a fixed rank k >= 1 (an int, not a bool), not an energy fraction."""
+    return isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
+
+
 def _takes_top_k(T: torch.Tensor, rank: Any) -> bool:
     """Whether ``leverage_scores(method="exact")`` runs :func:`_exact_topk` for the (B, N, d) batch ``T``."""
-    int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
     m = min(T.shape[1:])
-    return int_rank and T.device.type == "cpu" and m >= PARTIAL_MIN_DIM and int(rank) <= PARTIAL_MAX * m
+    return _is_int_rank(rank) and T.device.type == "cpu" and m >= PARTIAL_MIN_DIM and int(rank) <= PARTIAL_MAX * m
 
 
 def _fill(buf: np.ndarray, src: torch.Tensor, inv: float) -> np.ndarray:
@@ -266,9 +270,8 @@ def leverage_scores(
         elif method == "exact-svd":
             sigma, usq = _exact_svd(work)
         else:
-            int_rank = isinstance(rank, (int, np.integer)) and not isinstance(rank, (bool, np.bool_)) and rank >= 1
             # an int rank never uses more than k columns of U: the rest are not formed
-            sigma, usq = _exact_gram(work, int(rank) if int_rank else None)
+            sigma, usq = _exact_gram(work, int(rank) if _is_int_rank(rank) else None)
 
     k = resolve_rank(rank, sigma, numerical_rank(sigma, rtol))
     cols = torch.arange(usq.shape[2], device=usq.device)
