@@ -153,6 +153,20 @@ def _quiet_hub():
         logger.setLevel(level)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to several lines)."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _check_output_file(flag: str, name: str, path: pathlib.Path, kind: str) -> None:
+    """``flag name`` (at ``path``) must name a ``kind``, not a directory, in a directory that exists and is writable."""
+    if path.is_dir():
+        raise UserError(f"{flag} {name}: a directory; give a {kind} name")
+    parent = path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {name}: directory {parent} does not exist or is not writable")
+
+
 def _load(model: str, device: str, dtype: str):
     from .analysis.evaluate import load_model
 
@@ -161,8 +175,7 @@ def _load(model: str, device: str, dtype: str):
         with _quiet_hub():
             return load_model(path, device, dtype)
     except (OSError, ValueError, KeyError) as e:  # no weights, a config that is not JSON or not a LLaVA model, ...
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"--model {model}: cannot load it ({type(e).__name__}: {first})") from None
+        raise UserError(f"--model {model}: cannot load it ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _dataset(args, processor):
@@ -179,7 +192,7 @@ def _dataset(args, processor):
         with _quiet_hub():
             return load_vqa(args.dataset, split=args.split, limit=args.limit)
     except Exception as e:  # a hub id: the datasets library's errors (offline, unknown id or split, bad files, ...)
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = _first_line(e)
         if not args.dataset.endswith(".json"):
             raise UserError(f"--dataset {args.dataset}: {type(e).__name__}: {first}") from None
         if isinstance(e, (ValueError, OSError)):  # a bad record, or a file that cannot be read
@@ -237,11 +250,7 @@ def _eval_args(args) -> tuple[list[str], list[int]]:
     if args.out is not None:
         if not args.out.strip():
             raise UserError("--out must be a file name, got ''")
-        if pathlib.Path(args.out).is_dir():
-            raise UserError(f"--out {args.out}: a directory; give a CSV file name")
-        parent = pathlib.Path(args.out).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"--out {args.out}: directory {parent} does not exist or is not writable")
+        _check_output_file("--out", args.out, pathlib.Path(args.out), "CSV file")
     _check_device(args.device)
     _model_path(args.model)
     return methods, budgets
@@ -426,11 +435,7 @@ def _testbed_check(args: argparse.Namespace) -> int:
     if args.split not in check.S.SPLIT_IDS:
         raise UserError(f"--split must be one of {', '.join(check.S.SPLIT_IDS)}, got {args.split!r}")
     if args.json:
-        if pathlib.Path(args.json).expanduser().is_dir():
-            raise UserError(f"--json {args.json}: a directory; give a file name")
-        parent = pathlib.Path(args.json).expanduser().resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+        _check_output_file("--json", args.json, pathlib.Path(args.json).expanduser(), "file")
     _check_device(args.device)
     model, processor = _load(args.model, args.device, "fp32")
     if check.tokens_per_image(model) < max(check.ORACLE_BUDGETS) + 1:
