@@ -45,3 +45,15 @@ def kept_rows_reference(model, hidden, rows, attention_mask, start, positions, p
             hid = layer(hid, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
             hid = hid[0] if isinstance(hid, tuple) else hid
         return model.lm_head(lm.norm(hid)), real
+
+
+def load_benchmark(name):
+    """The module of ``benchmarks/<name>.py`` (scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,15 @@
 """benchmarks/family_speed.py on tiny LLaVA-NeXT and Qwen2.5-VL configs: the table it writes, and its refusals."""
 
-import importlib.util
-import pathlib
-
 import pandas as pd
 import pytest
 import torch
+from helpers import load_benchmark
 
 from svdprune_utils.testbed.families import build_tiny_llava_next, build_tiny_qwen
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("family_speed", ROOT / "benchmarks" / "family_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("family_speed")
 
 
 @pytest.fixture(scope="module")

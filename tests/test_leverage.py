@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import clip_like, reference_leverage, spectrum_matrix
+from helpers import clip_like, load_benchmark, reference_leverage, spectrum_matrix
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -364,13 +364,7 @@ def test_large_matrices_take_the_top_k_path_and_match_fp64(monkeypatch):
 def test_mixed_precision_probe_computes_leverage(shape, p, deflate, step):
     """benchmarks/mixed_precision_probe.py (the evidence that fp32 + an fp64 correction misses 1e-6 at k = 64) must
     compute rank-k leverage: on a matrix with a wide gap at k its scores equal the fp64 reference."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "mixed_precision_probe.py"
-    spec = importlib.util.spec_from_file_location("mixed_precision_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("mixed_precision_probe")
     X = spectrum_matrix(*shape, GAPPED, seed=2)
     got = probe.mixed_scores(X, 6, p, deflate, step)
     np.testing.assert_allclose(got, reference_leverage(X, 6), atol=1e-6)
@@ -379,13 +373,7 @@ def test_mixed_precision_probe_computes_leverage(shape, p, deflate, step):
 def test_eigensolver_probe_runs_every_cell(monkeypatch, capsys):
     """benchmarks/eigensolver_probe.py (the evidence that no faster exact eigensolver is reachable) prints one row of
     four timings per shape; small shapes here, both Gram orientations."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "eigensolver_probe.py"
-    spec = importlib.util.spec_from_file_location("eigensolver_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("eigensolver_probe")
     monkeypatch.setattr(probe, "SHAPES", [(300, 120), (120, 300)])
     monkeypatch.setattr(probe, "K", 8)
     monkeypatch.setattr(probe, "BAND", 4)

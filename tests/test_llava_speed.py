@@ -1,10 +1,8 @@
 """benchmarks/llava_speed.py: the random-weights path builds a model from a config and times prefills."""
 
-import importlib.util
 import json
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 TINY = {
     "model_type": "llava", "image_token_index": 500, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
@@ -19,10 +17,7 @@ TINY = {
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("llava_speed", ROOT / "benchmarks" / "llava_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("llava_speed")
 
 
 def test_random_weights_prefill_table(tmp_path):
